@@ -1,0 +1,1 @@
+"""Converters from Hugging Face checkpoints and δ-mem adapters to GGUF (installed as pydeltamem.convert)."""

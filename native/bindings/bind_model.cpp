@@ -1,0 +1,125 @@
+// Bindings for models and contexts: thin wrappers that own the C handles and close deterministically.
+#include "bindings/bindings.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+struct ModelHandle {
+    dm_model * ptr = nullptr;
+
+    void require_open() const {
+        if (!ptr) throw py::value_error("the model is closed");
+    }
+    void close() {
+        dm_model_free(ptr);
+        ptr = nullptr;
+    }
+};
+
+struct ContextHandle {
+    dm_context * ptr = nullptr;
+    py::object   model_ref;   // keeps the Python model (and so the weights) alive while we exist
+    int32_t      n_vocab = 0;
+
+    void require_open() const {
+        if (!ptr) throw py::value_error("the context is closed");
+    }
+    void close() {
+        dm_context_free(ptr);
+        ptr = nullptr;
+        model_ref = py::none();
+    }
+};
+
+ModelHandle * load_model(const std::string & path, bool use_mmap) {
+    dm_model_params p = dm_model_default_params();
+    p.use_mmap = use_mmap;
+    dm_model * m = nullptr;
+    {
+        py::gil_scoped_release release;
+        m = dm_model_load(path.c_str(), p);
+    }
+    check(m != nullptr);
+    return new ModelHandle{m};
+}
+
+py::list metadata_items(const ModelHandle & m) {
+    m.require_open();
+    py::list items;
+    const int32_t n = dm_model_meta_count(m.ptr);
+    for (int32_t i = 0; i < n; ++i) {
+        const int32_t len = dm_model_meta_value(m.ptr, i, nullptr, 0);
+        std::string value(static_cast<size_t>(len) + 1, '\0');
+        dm_model_meta_value(m.ptr, i, value.data(), value.size());
+        value.resize(static_cast<size_t>(len));
+        items.append(py::make_tuple(dm_model_meta_key(m.ptr, i), dm_model_meta_type(m.ptr, i),
+                                    py::bytes(value)));
+    }
+    return items;
+}
+
+ContextHandle * new_context(py::object model_obj, int32_t n_ctx, int32_t n_batch, int32_t n_threads, int kv_type) {
+    ModelHandle & m = model_obj.cast<ModelHandle &>();
+    m.require_open();
+    dm_context_params p = dm_context_default_params();
+    p.n_ctx = n_ctx;
+    p.n_batch = n_batch;
+    p.n_threads = n_threads;
+    p.kv_type = static_cast<dm_kv_type>(kv_type);
+    dm_context * c = dm_context_new(m.ptr, p);
+    check(c != nullptr);
+    return new ContextHandle{c, model_obj, dm_model_n_vocab(m.ptr)};
+}
+
+py::array_t<float> decode(ContextHandle & c, const std::vector<dm_token> & tokens, int which) {
+    c.require_open();
+    const py::ssize_t n_rows = which == DM_LOGITS_ALL ? static_cast<py::ssize_t>(tokens.size()) : 1;
+    py::array_t<float> out = which == DM_LOGITS_ALL ? py::array_t<float>({n_rows, static_cast<py::ssize_t>(c.n_vocab)})
+                                                    : py::array_t<float>(which == DM_LOGITS_NONE ? 0 : c.n_vocab);
+    float * dst = which == DM_LOGITS_NONE ? nullptr : out.mutable_data();
+    int32_t rc = 0;
+    {
+        py::gil_scoped_release release;
+        rc = dm_decode(c.ptr, tokens.data(), static_cast<int32_t>(tokens.size()), static_cast<dm_logits>(which), dst);
+    }
+    check(rc == 0);
+    return out;
+}
+
+} // namespace
+
+void bind_model(py::module_ & m) {
+    py::class_<ModelHandle>(m, "Model")
+        .def(py::init(&load_model), py::arg("path"), py::arg("use_mmap") = true)
+        .def("close", &ModelHandle::close)
+        .def_property_readonly("closed", [](const ModelHandle & s) { return s.ptr == nullptr; })
+        .def_property_readonly("ptr", [](const ModelHandle & s) { s.require_open(); return reinterpret_cast<intptr_t>(s.ptr); })
+        .def_property_readonly("arch", [](const ModelHandle & s) { s.require_open(); return std::string(dm_model_arch(s.ptr)); })
+        .def_property_readonly("n_vocab", [](const ModelHandle & s) { s.require_open(); return dm_model_n_vocab(s.ptr); })
+        .def_property_readonly("n_ctx_train", [](const ModelHandle & s) { s.require_open(); return dm_model_n_ctx_train(s.ptr); })
+        .def_property_readonly("n_layer", [](const ModelHandle & s) { s.require_open(); return dm_model_n_layer(s.ptr); })
+        .def_property_readonly("n_embd", [](const ModelHandle & s) { s.require_open(); return dm_model_n_embd(s.ptr); })
+        .def("metadata_items", &metadata_items);
+
+    py::class_<ContextHandle>(m, "Context")
+        .def(py::init(&new_context), py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"),
+             py::arg("kv_type"))
+        .def("close", &ContextHandle::close)
+        .def_property_readonly("closed", [](const ContextHandle & s) { return s.ptr == nullptr; })
+        .def_property_readonly("ptr", [](const ContextHandle & s) { s.require_open(); return reinterpret_cast<intptr_t>(s.ptr); })
+        .def_property_readonly("n_ctx", [](const ContextHandle & s) { s.require_open(); return dm_context_n_ctx(s.ptr); })
+        .def_property_readonly("n_past", [](const ContextHandle & s) { s.require_open(); return dm_context_n_past(s.ptr); })
+        .def("reset", [](ContextHandle & s) { s.require_open(); dm_context_reset(s.ptr); })
+        .def("decode", &decode, py::arg("tokens"), py::arg("which"));
+
+    m.attr("LOGITS_NONE") = static_cast<int>(DM_LOGITS_NONE);
+    m.attr("LOGITS_LAST") = static_cast<int>(DM_LOGITS_LAST);
+    m.attr("LOGITS_ALL") = static_cast<int>(DM_LOGITS_ALL);
+    m.attr("KV_F16") = static_cast<int>(DM_KV_F16);
+    m.attr("KV_F32") = static_cast<int>(DM_KV_F32);
+}

@@ -1,0 +1,3 @@
+#include "bindings/bindings.h"
+
+void bind_vocab(py::module_ & m) {}

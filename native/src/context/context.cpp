@@ -1,0 +1,151 @@
+#include "context/context.h"
+
+#include "common/error.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
+
+using dm::fail;
+
+int32_t dm_physical_cores() {
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    std::set<std::pair<std::string, std::string>> cores;
+    std::string line, physical = "0";
+    while (std::getline(cpuinfo, line)) {
+        const auto colon = line.find(':');
+        if (colon == std::string::npos) continue;
+        const std::string value = colon + 2 <= line.size() ? line.substr(colon + 2) : "";
+        if (line.rfind("physical id", 0) == 0) physical = value;
+        if (line.rfind("core id", 0) == 0) cores.emplace(physical, value);
+    }
+    if (!cores.empty()) return static_cast<int32_t>(cores.size());
+    return static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), params(p) {
+    if (params.n_ctx <= 0) params.n_ctx = m.hp.n_ctx_train;
+    if (params.n_batch <= 0) fail("n_batch must be positive, got %d", params.n_batch);
+    params.n_batch = std::min(params.n_batch, params.n_ctx);
+    if (params.n_threads <= 0) params.n_threads = dm_physical_cores();
+    if (params.kv_type != DM_KV_F16 && params.kv_type != DM_KV_F32) fail("unknown KV cache type %d", params.kv_type);
+
+    backend = ggml_backend_cpu_init();
+    if (!backend) fail("cannot initialise the CPU backend");
+    // One pool of worker threads for the life of the context: spawning threads per pass costs
+    // more than a single-token mat-vec on small models.
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(params.n_threads);
+    threadpool = ggml_threadpool_new(&tpp);
+    if (!threadpool) fail("cannot create a thread pool of %d threads", params.n_threads);
+    ggml_backend_cpu_set_n_threads(backend, params.n_threads);
+    ggml_backend_cpu_set_threadpool(backend, threadpool);
+
+    const ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(backend);
+    kv.init(m, params.n_ctx, params.kv_type == DM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft);
+    galloc = ggml_gallocr_new(buft);
+
+    // Reserve compute memory for the largest pass up front, so passes never reallocate.
+    const size_t max_nodes = dm_graph_max_nodes(m);
+    graph_meta.resize(ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false));
+    dm_graph_shape worst{params.n_batch, params.n_ctx - params.n_batch, 1};   // all-logits passes grow it on demand
+    ggml_context * ctx = new_graph_context();
+    dm_graph g = dm_build_forward(ctx, m, kv, worst, max_nodes);
+    const bool ok = ggml_gallocr_reserve(galloc, g.gf);
+    ggml_free(ctx);
+    if (!ok) fail("cannot allocate compute memory for n_ctx=%d, n_batch=%d", params.n_ctx, params.n_batch);
+}
+
+dm_context::~dm_context() {
+    if (galloc) ggml_gallocr_free(galloc);
+    if (backend) ggml_backend_free(backend);
+    if (threadpool) ggml_threadpool_free(threadpool);
+}
+
+ggml_context * dm_context::new_graph_context() {
+    ggml_init_params ip = {graph_meta.size(), graph_meta.data(), /*no_alloc =*/ true};
+    ggml_context * ctx = ggml_init(ip);
+    if (!ctx) fail("cannot create a graph context");
+    return ctx;
+}
+
+void dm_context::validate(const dm_token * toks, int32_t n_tokens) const {
+    if (n_tokens <= 0 || !toks) fail("decode: empty input (no tokens)");
+    const int32_t n_vocab = model->hp.n_vocab;
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (toks[i] < 0 || toks[i] >= n_vocab) {
+            fail("decode: token id %d at position %d is out of range [0, %d)", toks[i], i, n_vocab);
+        }
+    }
+    if (static_cast<int64_t>(n_past()) + n_tokens > params.n_ctx) {
+        fail("decode: context overflow: %d tokens in the context + %d new > n_ctx = %d", n_past(), n_tokens, params.n_ctx);
+    }
+}
+
+void dm_context::set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape) {
+    const int32_t n_kv = shape.n_kv();
+    pos_buf.resize(shape.n_tokens);
+    for (int32_t i = 0; i < shape.n_tokens; ++i) pos_buf[i] = shape.n_past + i;
+
+    // Causal mask: token i (at position n_past + i) sees cache cells 0 ..= n_past + i.
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
+    const ggml_fp16_t minus_inf = ggml_fp32_to_fp16(-INFINITY);
+    mask_buf.resize(static_cast<size_t>(n_kv) * shape.n_tokens);
+    for (int32_t i = 0; i < shape.n_tokens; ++i) {
+        ggml_fp16_t * row = mask_buf.data() + static_cast<size_t>(i) * n_kv;
+        const int32_t visible = shape.n_past + i + 1;
+        std::fill(row, row + visible, zero);
+        std::fill(row + visible, row + n_kv, minus_inf);
+    }
+    ggml_backend_tensor_set(g.in.tokens, toks, 0, ggml_nbytes(g.in.tokens));
+    ggml_backend_tensor_set(g.in.pos, pos_buf.data(), 0, ggml_nbytes(g.in.pos));
+    ggml_backend_tensor_set(g.in.mask, mask_buf.data(), 0, ggml_nbytes(g.in.mask));
+}
+
+void dm_context::run_pass(const dm_token * toks, int32_t n_tokens, int32_t n_outputs, float * logits_out) {
+    const dm_graph_shape shape{n_tokens, n_past(), n_outputs};
+    ggml_context * ctx = new_graph_context();
+    struct ctx_free { ggml_context * c; ~ctx_free() { ggml_free(c); } } guard{ctx};
+
+    dm_graph g = dm_build_forward(ctx, *model, kv, shape, dm_graph_max_nodes(*model));
+    if (!ggml_gallocr_alloc_graph(galloc, g.gf)) fail("cannot allocate the compute graph");
+    set_inputs(g, toks, shape);
+    if (ggml_backend_graph_compute(backend, g.gf) != GGML_STATUS_SUCCESS) fail("graph computation failed");
+    if (g.logits && logits_out) ggml_backend_tensor_get(g.logits, logits_out, 0, ggml_nbytes(g.logits));
+    tokens.insert(tokens.end(), toks, toks + n_tokens);
+}
+
+void dm_context::decode(const dm_token * toks, int32_t n_tokens, dm_logits which, float * logits_out) {
+    validate(toks, n_tokens);
+    if (which != DM_LOGITS_NONE && !logits_out) fail("decode: no output buffer for logits");
+    const size_t n_vocab = static_cast<size_t>(model->hp.n_vocab);
+    const size_t n_before = tokens.size();
+    try {
+        for (int32_t done = 0; done < n_tokens;) {
+            const int32_t n = std::min(params.n_batch, n_tokens - done);
+            const bool last_chunk = done + n == n_tokens;
+            int32_t n_outputs = 0;
+            float * out = nullptr;
+            if (which == DM_LOGITS_ALL) {
+                n_outputs = n;
+                out = logits_out + static_cast<size_t>(done) * n_vocab;
+            } else if (which == DM_LOGITS_LAST && last_chunk) {
+                n_outputs = 1;
+                out = logits_out;
+            }
+            run_pass(toks + done, n, n_outputs, out);
+            done += n;
+        }
+    } catch (...) {
+        tokens.resize(n_before);   // cells past n_past are ignored, so this restores the context
+        throw;
+    }
+}
+
+void dm_context::truncate(int32_t n) {
+    if (n < 0 || n > n_past()) fail("truncate: %d is outside [0, %d]", n, n_past());
+    tokens.resize(static_cast<size_t>(n));
+}

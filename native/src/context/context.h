@@ -1,0 +1,50 @@
+// A context: one sequence being decoded against a model, with its own KV cache and thread pool.
+#pragma once
+
+#include "context/kv_cache.h"
+#include "graph/graph.h"
+#include "model/model.h"
+
+#include <deltamem.h>
+
+#include <ggml-alloc.h>
+#include <ggml-backend.h>
+#include <ggml-cpu.h>
+
+#include <cstdint>
+#include <vector>
+
+struct dm_context {
+    dm_model *               model = nullptr;
+    dm_context_params        params{};
+    ggml_backend_t           backend = nullptr;
+    ggml_threadpool_t        threadpool = nullptr;
+    ggml_gallocr_t           galloc = nullptr;
+    dm_kv_cache              kv;
+    std::vector<uint8_t>     graph_meta;   // storage for graph and tensor descriptors, reused per pass
+    std::vector<dm_token>    tokens;       // the sequence so far; tokens.size() == n_past
+    std::vector<ggml_fp16_t> mask_buf;
+    std::vector<int32_t>     pos_buf;
+
+    dm_context(dm_model & model, const dm_context_params & params);
+    dm_context(const dm_context &) = delete;
+    dm_context & operator=(const dm_context &) = delete;
+    ~dm_context();
+
+    int32_t n_past() const { return static_cast<int32_t>(tokens.size()); }
+
+    // Appends tokens; writes logits per `which`. Throws dm::Error on bad input, leaving the context unchanged.
+    void decode(const dm_token * toks, int32_t n_tokens, dm_logits which, float * logits_out);
+    // Keeps the first n tokens of the sequence (later KV cells are simply ignored).
+    void truncate(int32_t n);
+
+private:
+    void validate(const dm_token * toks, int32_t n_tokens) const;
+    // One forward pass over a chunk of at most n_batch tokens.
+    void run_pass(const dm_token * toks, int32_t n_tokens, int32_t n_outputs, float * logits_out);
+    void set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape);
+    ggml_context * new_graph_context();
+};
+
+// Physical cores of this machine (falls back to logical CPUs).
+int32_t dm_physical_cores();

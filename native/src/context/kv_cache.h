@@ -1,0 +1,28 @@
+// The KV cache of one sequence: per layer, keys and values of every past position.
+#pragma once
+
+#include <ggml-backend.h>
+#include <ggml.h>
+
+#include <cstdint>
+#include <vector>
+
+struct dm_model;
+
+struct dm_kv_cache {
+    ggml_type type = GGML_TYPE_F16;
+    int32_t   n_ctx = 0;
+    std::vector<ggml_tensor *> k;   // per layer [n_embd_kv,    n_ctx]
+    std::vector<ggml_tensor *> v;   // per layer [n_embd_v_gqa, n_ctx]
+
+    ggml_context *        ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+
+    dm_kv_cache() = default;
+    dm_kv_cache(const dm_kv_cache &) = delete;
+    dm_kv_cache & operator=(const dm_kv_cache &) = delete;
+    ~dm_kv_cache();
+
+    void init(const dm_model & model, int32_t n_ctx, ggml_type type, ggml_backend_buffer_type_t buft);
+    size_t size_bytes() const;
+};

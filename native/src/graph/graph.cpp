@@ -1,0 +1,137 @@
+#include "graph/graph.h"
+
+#include "context/kv_cache.h"
+
+#include <cmath>
+
+namespace {
+
+// Shared state of one graph build; each method builds one part of a layer.
+struct forward_builder {
+    ggml_context *         ctx;
+    const dm_model &       model;
+    const dm_hparams &     hp;
+    const dm_kv_cache &    kv;
+    const dm_graph_shape & shape;
+    ggml_cgraph *          gf;
+    dm_graph_inputs        in;
+
+    ggml_tensor * rms_norm(ggml_tensor * x, ggml_tensor * weight) const {
+        return ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), weight);
+    }
+
+    ggml_tensor * linear(ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias) const {
+        ggml_tensor * y = ggml_mul_mat(ctx, w, x);
+        return bias ? ggml_add(ctx, y, bias) : y;
+    }
+
+    // x: [head_dim, n_heads, n_tokens]
+    ggml_tensor * rope(ggml_tensor * x) const {
+        return ggml_rope_ext(ctx, x, in.pos, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_train,
+                             hp.rope_freq_base, /*freq_scale*/ 1.0f, /*ext_factor*/ 0.0f, /*attn_factor*/ 1.0f,
+                             /*beta_fast*/ 32.0f, /*beta_slow*/ 1.0f);
+    }
+
+    // Writes this pass's keys or values into the cache at positions [n_past, n_past + n_tokens).
+    void store(ggml_tensor * cache, ggml_tensor * cur /* [width, n_tokens] */) const {
+        const int64_t width = cache->ne[0];
+        ggml_tensor * dst = ggml_view_1d(ctx, cache, width * shape.n_tokens,
+                                         ggml_row_size(cache->type, width) * shape.n_past);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, cur, dst));
+    }
+
+    // The first n_kv cached rows of a layer as [head_dim, n_kv, n_head_kv].
+    ggml_tensor * cached_heads(ggml_tensor * cache, int64_t head_dim) const {
+        const int64_t n_heads = cache->ne[0] / head_dim;
+        ggml_tensor * view = ggml_view_3d(ctx, cache, head_dim, n_heads, shape.n_kv(),
+                                          ggml_row_size(cache->type, head_dim), cache->nb[1], 0);
+        return ggml_permute(ctx, view, 0, 2, 1, 3);
+    }
+
+    // Self-attention of layer il on normalised input x: [n_embd, n_tokens] -> [n_embd, n_tokens].
+    ggml_tensor * attention(int il, ggml_tensor * x) {
+        const dm_layer & l = model.layers[il];
+        const int64_t n_tokens = shape.n_tokens;
+
+        ggml_tensor * q = linear(l.wq, x, l.bq);   // [n_embd_q,  n_tokens]
+        ggml_tensor * k = linear(l.wk, x, l.bk);   // [n_embd_kv, n_tokens]
+        ggml_tensor * v = linear(l.wv, x, l.bv);   // [n_embd_v_gqa, n_tokens]
+
+        q = ggml_reshape_3d(ctx, q, hp.head_dim_k, hp.n_head, n_tokens);
+        k = ggml_reshape_3d(ctx, k, hp.head_dim_k, hp.n_head_kv, n_tokens);
+        if (l.q_norm) q = rms_norm(q, l.q_norm);
+        if (l.k_norm) k = rms_norm(k, l.k_norm);
+        if (hp.rope_layer[il]) {
+            q = rope(q);
+            k = rope(k);
+        }
+
+        store(kv.k[il], ggml_reshape_2d(ctx, k, hp.n_embd_kv(), n_tokens));
+        store(kv.v[il], v);
+
+        ggml_tensor * qh = ggml_permute(ctx, q, 0, 2, 1, 3);   // [head_dim, n_tokens, n_head]
+        ggml_tensor * kh = cached_heads(kv.k[il], hp.head_dim_k);
+        ggml_tensor * vh = cached_heads(kv.v[il], hp.head_dim_v);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim_k));
+        ggml_tensor * att = ggml_flash_attn_ext(ctx, qh, kh, vh, in.mask, scale, 0.0f, 0.0f);
+        ggml_flash_attn_ext_set_prec(att, GGML_PREC_F32);
+        att = ggml_reshape_2d(ctx, att, hp.n_embd_o(), n_tokens);   // [n_embd_o, n_tokens]
+
+        return linear(l.wo, att, l.bo);
+    }
+
+    ggml_tensor * feed_forward(int il, ggml_tensor * x) const {
+        const dm_layer & l = model.layers[il];
+        ggml_tensor * gate = ggml_mul_mat(ctx, l.ffn_gate, x);   // [n_ff, n_tokens]
+        ggml_tensor * up   = ggml_mul_mat(ctx, l.ffn_up, x);
+        return ggml_mul_mat(ctx, l.ffn_down, ggml_swiglu_split(ctx, gate, up));
+    }
+
+    void make_inputs() {
+        in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
+        in.pos    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
+        in.mask   = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, shape.n_kv(), shape.n_tokens);
+        ggml_set_name(in.tokens, "inp_tokens");
+        ggml_set_name(in.pos, "inp_pos");
+        ggml_set_name(in.mask, "inp_mask");
+        ggml_set_input(in.tokens);
+        ggml_set_input(in.pos);
+        ggml_set_input(in.mask);
+    }
+
+    dm_graph build() {
+        make_inputs();
+        ggml_tensor * h = ggml_get_rows(ctx, model.tok_embd, in.tokens);   // [n_embd, n_tokens]
+        for (int il = 0; il < hp.n_layer; ++il) {
+            ggml_tensor * attn_out = attention(il, rms_norm(h, model.layers[il].attn_norm));
+            h = ggml_add(ctx, h, attn_out);
+            h = ggml_add(ctx, h, feed_forward(il, rms_norm(h, model.layers[il].ffn_norm)));
+        }
+
+        dm_graph g;
+        g.gf = gf;
+        g.in = in;
+        if (shape.n_outputs > 0) {
+            if (shape.n_outputs == 1 && shape.n_tokens > 1) {
+                h = ggml_view_2d(ctx, h, hp.n_embd, 1, h->nb[1], h->nb[1] * (shape.n_tokens - 1));
+            }
+            g.logits = ggml_mul_mat(ctx, model.output, rms_norm(h, model.output_norm));   // [n_vocab, n_outputs]
+            ggml_set_name(g.logits, "logits");
+            ggml_set_output(g.logits);
+            ggml_build_forward_expand(gf, g.logits);
+        }
+        return g;
+    }
+};
+
+} // namespace
+
+size_t dm_graph_max_nodes(const dm_model & model) {
+    return std::max<size_t>(2048, static_cast<size_t>(model.hp.n_layer) * 64 + 256);
+}
+
+dm_graph dm_build_forward(ggml_context * ctx, const dm_model & model, const dm_kv_cache & kv,
+                          const dm_graph_shape & shape, size_t max_nodes) {
+    forward_builder b{ctx, model, model.hp, kv, shape, ggml_new_graph_custom(ctx, max_nodes, false), {}};
+    return b.build();
+}

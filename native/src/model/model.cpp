@@ -1,0 +1,281 @@
+#include "model/model.h"
+
+#include "common/error.h"
+#include "common/gguf_util.h"
+
+#include <ggml-cpu.h>
+#include <gguf.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <set>
+
+using dm::fail;
+using dm::format;
+
+dm_model::~dm_model() {
+    if (buf_w) ggml_backend_buffer_free(buf_w);
+    if (mapping) munmap(mapping, mapping_size);
+    if (ctx_w) ggml_free(ctx_w);
+    if (gguf) gguf_free(gguf);
+}
+
+namespace {
+
+dm_arch parse_arch(const std::string & name) {
+    if (name == "llama") return dm_arch::llama;
+    if (name == "qwen3") return dm_arch::qwen3;
+    if (name == "smollm3") return dm_arch::smollm3;
+    fail("unsupported model architecture '%s' (supported: llama, qwen3, smollm3)", name.c_str());
+}
+
+int32_t positive_int(const gguf_context * g, const std::string & key, std::optional<int64_t> fallback = std::nullopt) {
+    std::optional<int64_t> v = dm::gguf_int(g, key);
+    if (!v) v = fallback;
+    if (!v) fail("GGUF is missing required key '%s'", key.c_str());
+    if (*v <= 0 || *v > (1 << 30)) fail("GGUF key '%s' has invalid value %lld", key.c_str(), static_cast<long long>(*v));
+    return static_cast<int32_t>(*v);
+}
+
+void read_rope_layers(const gguf_context * g, const std::string & arch, dm_hparams & hp, dm_arch a) {
+    hp.rope_layer.assign(hp.n_layer, true);
+    if (a != dm_arch::smollm3) return;
+    // HF semantics: 1 = the layer applies RoPE. llama.cpp's own files lack the key and use every 4th layer.
+    if (auto list = dm::gguf_int_array(g, arch + ".no_rope_layers")) {
+        if (static_cast<int32_t>(list->size()) != hp.n_layer) {
+            fail("GGUF key '%s.no_rope_layers' has %zu entries, expected %d (one per layer)", arch.c_str(), list->size(), hp.n_layer);
+        }
+        for (int32_t il = 0; il < hp.n_layer; ++il) hp.rope_layer[il] = (*list)[il] != 0;
+    } else {
+        for (int32_t il = 0; il < hp.n_layer; ++il) hp.rope_layer[il] = (il + 1) % 4 != 0;
+    }
+}
+
+void read_hparams(dm_model & model) {
+    const gguf_context * g = model.gguf;
+    const std::string & a = model.arch_name;
+    dm_hparams & hp = model.hp;
+
+    hp.n_embd      = positive_int(g, a + ".embedding_length");
+    hp.n_layer     = positive_int(g, a + ".block_count");
+    hp.n_ff        = positive_int(g, a + ".feed_forward_length");
+    hp.n_head      = positive_int(g, a + ".attention.head_count");
+    hp.n_head_kv   = positive_int(g, a + ".attention.head_count_kv", hp.n_head);
+    hp.n_ctx_train = positive_int(g, a + ".context_length");
+    if (hp.n_embd % hp.n_head != 0 && !dm::gguf_int(g, a + ".attention.key_length")) {
+        fail("embedding_length %d is not divisible by head_count %d and no attention.key_length is given", hp.n_embd, hp.n_head);
+    }
+    hp.head_dim_k = positive_int(g, a + ".attention.key_length", hp.n_embd / hp.n_head);
+    hp.head_dim_v = positive_int(g, a + ".attention.value_length", hp.head_dim_k);
+    hp.n_rot      = positive_int(g, a + ".rope.dimension_count", hp.head_dim_k);
+    if (hp.n_head % hp.n_head_kv != 0) {
+        fail("attention.head_count %d is not a multiple of attention.head_count_kv %d", hp.n_head, hp.n_head_kv);
+    }
+    if (hp.n_rot > hp.head_dim_k || hp.n_rot % 2 != 0) {
+        fail("rope.dimension_count %d must be even and at most the head width %d", hp.n_rot, hp.head_dim_k);
+    }
+    hp.rms_eps = static_cast<float>(dm::gguf_require_float(g, a + ".attention.layer_norm_rms_epsilon"));
+    hp.rope_freq_base = static_cast<float>(dm::gguf_float(g, a + ".rope.freq_base").value_or(10000.0));
+    if (!(hp.rms_eps > 0.0f) || !(hp.rope_freq_base > 0.0f)) fail("invalid rms epsilon or rope.freq_base");
+
+    const std::string scaling = dm::gguf_string(g, a + ".rope.scaling.type").value_or("none");
+    if (scaling != "none") {
+        fail("RoPE scaling '%s' (key %s.rope.scaling.type) is not supported yet", scaling.c_str(), a.c_str());
+    }
+    hp.rope_mode = model.arch == dm_arch::qwen3 ? GGML_ROPE_TYPE_NEOX : GGML_ROPE_TYPE_NORMAL;
+    read_rope_layers(g, a, hp, model.arch);
+}
+
+// Finds tensors by name and checks their shape and type; records every name it was asked for.
+struct tensor_checker {
+    ggml_context * ctx;
+    std::set<std::string> claimed;
+
+    ggml_tensor * get(const std::string & name, std::initializer_list<int64_t> shape, bool required, bool matrix) {
+        claimed.insert(name);
+        ggml_tensor * t = ggml_get_tensor(ctx, name.c_str());
+        if (!t) {
+            if (required) fail("model file is missing tensor '%s'", name.c_str());
+            return nullptr;
+        }
+        check_shape(t, name, shape);
+        check_type(t, name, matrix);
+        return t;
+    }
+
+    static void check_shape(const ggml_tensor * t, const std::string & name, std::initializer_list<int64_t> shape) {
+        int i = 0;
+        bool ok = true;
+        for (int64_t d : shape) ok = ok && t->ne[i++] == d;
+        for (; i < GGML_MAX_DIMS; ++i) ok = ok && t->ne[i] == 1;
+        if (!ok) {
+            std::string want, got;
+            for (int64_t d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
+            for (int j = 0; j < ggml_n_dims(t); ++j) got += (j ? ", " : "") + std::to_string(t->ne[j]);
+            fail("tensor '%s' has shape [%s], expected [%s]", name.c_str(), got.c_str(), want.c_str());
+        }
+    }
+
+    static void check_type(const ggml_tensor * t, const std::string & name, bool matrix) {
+        if (!matrix) {
+            if (t->type != GGML_TYPE_F32) {
+                fail("tensor '%s' has type %s, expected f32 (norms and biases stay f32)", name.c_str(), ggml_type_name(t->type));
+            }
+            return;
+        }
+        const ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(t->type);
+        if (!traits || !traits->vec_dot) {
+            fail("tensor '%s' has type %s, which the CPU backend cannot multiply", name.c_str(), ggml_type_name(t->type));
+        }
+    }
+};
+
+std::string blk(int il, const char * name) { return format("blk.%d.%s", il, name); }
+
+void bind_tensors(dm_model & model) {
+    const dm_hparams & hp = model.hp;
+    tensor_checker tc{model.ctx_w, {}};
+
+    ggml_tensor * embd = ggml_get_tensor(model.ctx_w, "token_embd.weight");
+    if (!embd) fail("model file is missing tensor 'token_embd.weight'");
+    model.hp.n_vocab = static_cast<int32_t>(embd->ne[1]);
+    const int64_t n_vocab = model.hp.n_vocab;
+    const int64_t n_embd = hp.n_embd;
+
+    model.tok_embd    = tc.get("token_embd.weight", {n_embd, n_vocab}, true, true);
+    model.output_norm = tc.get("output_norm.weight", {n_embd}, true, false);
+    model.output      = tc.get("output.weight", {n_embd, n_vocab}, false, true);
+    if (!model.output) model.output = model.tok_embd;   // tied embeddings
+    model.rope_freqs  = tc.get("rope_freqs.weight", {hp.n_rot / 2}, false, false);
+
+    const bool qk_norm = model.arch == dm_arch::qwen3;
+    model.layers.resize(hp.n_layer);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        dm_layer & l = model.layers[il];
+        l.attn_norm = tc.get(blk(il, "attn_norm.weight"), {n_embd}, true, false);
+        l.wq = tc.get(blk(il, "attn_q.weight"), {n_embd, hp.n_embd_q()}, true, true);
+        l.wk = tc.get(blk(il, "attn_k.weight"), {n_embd, hp.n_embd_kv()}, true, true);
+        l.wv = tc.get(blk(il, "attn_v.weight"), {n_embd, hp.n_embd_v_gqa()}, true, true);
+        l.wo = tc.get(blk(il, "attn_output.weight"), {hp.n_embd_o(), n_embd}, true, true);
+        l.bq = tc.get(blk(il, "attn_q.bias"), {hp.n_embd_q()}, false, false);
+        l.bk = tc.get(blk(il, "attn_k.bias"), {hp.n_embd_kv()}, false, false);
+        l.bv = tc.get(blk(il, "attn_v.bias"), {hp.n_embd_v_gqa()}, false, false);
+        l.bo = tc.get(blk(il, "attn_output.bias"), {n_embd}, false, false);
+        l.q_norm = tc.get(blk(il, "attn_q_norm.weight"), {hp.head_dim_k}, qk_norm, false);
+        l.k_norm = tc.get(blk(il, "attn_k_norm.weight"), {hp.head_dim_k}, qk_norm, false);
+        l.ffn_norm = tc.get(blk(il, "ffn_norm.weight"), {n_embd}, true, false);
+        l.ffn_gate = tc.get(blk(il, "ffn_gate.weight"), {n_embd, hp.n_ff}, true, true);
+        l.ffn_up   = tc.get(blk(il, "ffn_up.weight"), {n_embd, hp.n_ff}, true, true);
+        l.ffn_down = tc.get(blk(il, "ffn_down.weight"), {hp.n_ff, n_embd}, true, true);
+    }
+
+    // Every tensor must be one we know: a stray tensor means a file for another architecture.
+    // δ-mem tensors (blk.N.dmem_*) belong to a packed adapter and are checked by the adapter loader.
+    for (ggml_tensor * t = ggml_get_first_tensor(model.ctx_w); t; t = ggml_get_next_tensor(model.ctx_w, t)) {
+        const std::string name = ggml_get_name(t);
+        if (tc.claimed.count(name) || name.find(".dmem_") != std::string::npos) continue;
+        fail("model file has unexpected tensor '%s' for architecture '%s'", name.c_str(), model.arch_name.c_str());
+    }
+}
+
+size_t file_size_of(int fd, const std::string & path) {
+    struct stat st {};
+    if (fstat(fd, &st) != 0) fail("cannot stat '%s'", path.c_str());
+    return static_cast<size_t>(st.st_size);
+}
+
+// Checks that every tensor's data lies inside the file (a truncated download is the usual culprit).
+void check_data_bounds(const dm_model & model, size_t file_size) {
+    const size_t data_offset = gguf_get_data_offset(model.gguf);
+    const int64_t n = gguf_get_n_tensors(model.gguf);
+    for (int64_t i = 0; i < n; ++i) {
+        const size_t begin = data_offset + gguf_get_tensor_offset(model.gguf, i);
+        const size_t size = gguf_get_tensor_size(model.gguf, i);
+        if (begin > file_size || size > file_size - begin) {
+            fail("tensor '%s' lies beyond the end of the file (%zu bytes): the file is truncated",
+                 gguf_get_tensor_name(model.gguf, i), file_size);
+        }
+    }
+}
+
+// Points every weight at its bytes: the file is mapped read-only and wrapped as a CPU buffer,
+// so loading costs no copy and pages come in on first use.
+void map_weights(dm_model & model, bool use_mmap) {
+    const int fd = open(model.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail("cannot open '%s': %s", model.path.c_str(), std::strerror(errno));
+    struct fd_closer { int fd; ~fd_closer() { close(fd); } } closer{fd};
+
+    const size_t file_size = file_size_of(fd, model.path);
+    check_data_bounds(model, file_size);
+
+    const size_t data_offset = gguf_get_data_offset(model.gguf);
+    uint8_t * base = nullptr;
+    if (use_mmap) {
+        void * addr = mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd, 0);
+        if (addr != MAP_FAILED) {
+            model.mapping = addr;
+            model.mapping_size = file_size;
+            model.buf_w = ggml_backend_cpu_buffer_from_ptr(addr, file_size);
+            base = static_cast<uint8_t *>(addr) + data_offset;
+        }
+    }
+    if (!model.buf_w) {
+        const size_t data_size = file_size - data_offset;
+        model.buf_w = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), data_size);
+        if (!model.buf_w) fail("cannot allocate %zu bytes for the weights", data_size);
+        base = static_cast<uint8_t *>(ggml_backend_buffer_get_base(model.buf_w));
+        if (pread(fd, base, data_size, static_cast<off_t>(data_offset)) != static_cast<ssize_t>(data_size)) {
+            fail("cannot read the weights of '%s'", model.path.c_str());
+        }
+    }
+    ggml_backend_buffer_set_usage(model.buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+
+    const int64_t n = gguf_get_n_tensors(model.gguf);
+    for (int64_t i = 0; i < n; ++i) {
+        ggml_tensor * t = ggml_get_tensor(model.ctx_w, gguf_get_tensor_name(model.gguf, i));
+        if (!t) fail("internal: tensor '%s' has no descriptor", gguf_get_tensor_name(model.gguf, i));
+        const ggml_status st = ggml_backend_tensor_alloc(model.buf_w, t, base + gguf_get_tensor_offset(model.gguf, i));
+        if (st != GGML_STATUS_SUCCESS) fail("cannot place tensor '%s' in the weight buffer", ggml_get_name(t));
+    }
+}
+
+void render_metadata(dm_model & model) {
+    const int64_t n = gguf_get_n_kv(model.gguf);
+    for (int64_t i = 0; i < n; ++i) {
+        const gguf_type t = gguf_get_kv_type(model.gguf, i);
+        model.meta_keys.emplace_back(gguf_get_key(model.gguf, i));
+        model.meta_types.emplace_back(t == GGUF_TYPE_ARRAY ? "array" : gguf_type_name(t));
+        model.meta_values.push_back(dm::gguf_value_text(model.gguf, i));
+    }
+}
+
+} // namespace
+
+void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap) {
+    model.path = path;
+    FILE * probe = std::fopen(path.c_str(), "rb");
+    if (!probe) fail("cannot open model file '%s': %s", path.c_str(), std::strerror(errno));
+    char magic[4] = {0, 0, 0, 0};
+    const size_t got = std::fread(magic, 1, 4, probe);
+    std::fclose(probe);
+    if (got != 4 || std::memcmp(magic, "GGUF", 4) != 0) fail("'%s' is not a GGUF file (bad magic)", path.c_str());
+
+    gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ &model.ctx_w};
+    model.gguf = gguf_init_from_file(path.c_str(), params);
+    if (!model.gguf) fail("cannot parse GGUF file '%s': corrupted or truncated header", path.c_str());
+
+    const std::string type = dm::gguf_string(model.gguf, "general.type").value_or("model");
+    if (type == "adapter") fail("'%s' is an adapter, not a model: pass it as adapter=", path.c_str());
+    model.arch_name = dm::gguf_require_string(model.gguf, "general.architecture");
+    model.arch = parse_arch(model.arch_name);
+    read_hparams(model);
+    bind_tensors(model);
+    model.vocab.load(model.gguf);
+    map_weights(model, use_mmap);
+    render_metadata(model);
+}

@@ -1,0 +1,87 @@
+// The model: hyper-parameters and weights read from a GGUF file, shared by every context.
+#pragma once
+
+#include "vocab/vocab.h"
+
+#include <ggml-backend.h>
+#include <ggml.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct gguf_context;
+
+enum class dm_arch { llama, qwen3, smollm3 };
+
+struct dm_hparams {
+    int32_t n_vocab     = 0;
+    int32_t n_ctx_train = 0;
+    int32_t n_embd      = 0;
+    int32_t n_layer     = 0;
+    int32_t n_head      = 0;
+    int32_t n_head_kv   = 0;
+    int32_t n_ff        = 0;
+    int32_t head_dim_k  = 0;   // per-head width of q and k
+    int32_t head_dim_v  = 0;   // per-head width of v
+    int32_t n_rot       = 0;   // rotated dimensions per head
+    float   rms_eps     = 1e-6f;
+    float   rope_freq_base = 10000.0f;
+    int     rope_mode   = GGML_ROPE_TYPE_NORMAL;
+    std::vector<bool> rope_layer;   // [n_layer] false on NoPE layers (SmolLM3)
+
+    int32_t n_embd_q()  const { return n_head * head_dim_k; }
+    int32_t n_embd_kv() const { return n_head_kv * head_dim_k; }
+    int32_t n_embd_v_gqa() const { return n_head_kv * head_dim_v; }
+    int32_t n_embd_o()  const { return n_head * head_dim_v; }
+};
+
+struct dm_layer {
+    ggml_tensor * attn_norm = nullptr;   // [n_embd]
+    ggml_tensor * wq = nullptr;          // [n_embd, n_embd_q]
+    ggml_tensor * wk = nullptr;          // [n_embd, n_embd_kv]
+    ggml_tensor * wv = nullptr;          // [n_embd, n_embd_v_gqa]
+    ggml_tensor * wo = nullptr;          // [n_embd_o, n_embd]
+    ggml_tensor * bq = nullptr;          // optional biases
+    ggml_tensor * bk = nullptr;
+    ggml_tensor * bv = nullptr;
+    ggml_tensor * bo = nullptr;
+    ggml_tensor * q_norm = nullptr;      // [head_dim_k] (Qwen3)
+    ggml_tensor * k_norm = nullptr;      // [head_dim_k] (Qwen3)
+    ggml_tensor * ffn_norm = nullptr;    // [n_embd]
+    ggml_tensor * ffn_gate = nullptr;    // [n_embd, n_ff]
+    ggml_tensor * ffn_up = nullptr;      // [n_embd, n_ff]
+    ggml_tensor * ffn_down = nullptr;    // [n_ff, n_embd]
+};
+
+struct dm_model {
+    std::string path;
+    std::string arch_name;
+    dm_arch     arch = dm_arch::llama;
+    dm_hparams  hp;
+
+    gguf_context *        gguf = nullptr;      // metadata, kept for the metadata API
+    ggml_context *        ctx_w = nullptr;     // tensor descriptors of the weights
+    ggml_backend_buffer_t buf_w = nullptr;     // weight storage (the mapped file, or a copy)
+    void *                mapping = nullptr;
+    size_t                mapping_size = 0;
+
+    ggml_tensor * tok_embd = nullptr;      // [n_embd, n_vocab]
+    ggml_tensor * output_norm = nullptr;   // [n_embd]
+    ggml_tensor * output = nullptr;        // [n_embd, n_vocab] (tok_embd when tied)
+    ggml_tensor * rope_freqs = nullptr;    // [n_rot/2] optional frequency factors
+    std::vector<dm_layer> layers;
+
+    dm_vocab vocab;
+
+    // Rendered metadata for the C API, built once at load.
+    std::vector<std::string> meta_keys, meta_types, meta_values;
+
+    dm_model() = default;
+    dm_model(const dm_model &) = delete;
+    dm_model & operator=(const dm_model &) = delete;
+    ~dm_model();
+};
+
+// Loads and validates everything before any compute; throws dm::Error naming the key or tensor at fault.
+void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap);

@@ -1,0 +1,28 @@
+"""The `deltamem` command line: one subcommand a concern, each registered by its own module."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .convert import hf_to_gguf
+
+    parser = argparse.ArgumentParser(prog="deltamem", description="pydeltamem: local LLM inference with δ-mem")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hf_to_gguf.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"deltamem {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
