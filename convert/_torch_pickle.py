@@ -54,15 +54,16 @@ class _Storage:
 
 def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bf16 is the upper half of a float32: shift the 16 bits into place."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    flat = bits.reshape(-1).astype(np.uint32) << 16  # 1-D: numpy ops on 0-d arrays return scalars
+    return flat.view(np.float32).reshape(bits.shape)
 
 
 def _widen(raw: np.ndarray, kind: str) -> np.ndarray:
     if kind == "BFloat16Storage":
         return _bf16_bits_to_float32(raw)
     if kind == "DoubleStorage":
-        return raw.astype(np.float64)
-    return raw.astype(np.float32)
+        return np.array(raw, dtype=np.float64)
+    return np.array(raw, dtype=np.float32)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):

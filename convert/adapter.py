@@ -115,7 +115,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: tensor {name} data out of range or wrong size (truncated?)")
         raw = np.frombuffer(body[begin:end], dtype=np_dtype).reshape(shape)
         if dtype == "BF16":
-            tensors[name] = (raw.astype(np.uint32) << 16).view(np.float32)
+            tensors[name] = ((raw.reshape(-1).astype(np.uint32) << 16).view(np.float32)).reshape(shape)
         else:
             tensors[name] = raw.astype(np.float64 if dtype == "F64" else np.float32)
     return tensors
@@ -782,7 +782,9 @@ def _write_gguf_atomically(out_path: Path, arch: str, fill) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _validate_against_backbone(cfg: AdapterConfig, layers: dict[int, dict], widths: dict[str, int | None], backbone: Backbone, arch_arg: str | None) -> None:
+def _validate_against_backbone(
+    cfg: AdapterConfig, layers: dict[int, dict], widths: dict[str, int | None], backbone: Backbone, arch_arg: str | None, all_layers: bool
+) -> None:
     where = f"base {backbone.source}"
     if arch_arg is not None and arch_arg != backbone.arch:
         raise ValueError(f"--arch {arch_arg} contradicts the base model's architecture {backbone.arch} ({where})")
@@ -792,6 +794,11 @@ def _validate_against_backbone(cfg: AdapterConfig, layers: dict[int, dict], widt
         )
     if max(layers) >= backbone.block_count:
         raise ValueError(f"adapter holds weights for layer {max(layers)} but the base model has {backbone.block_count} layers ({where})")
+    if all_layers and len(cfg.target_layers) != backbone.block_count:
+        raise ValueError(
+            f"adapter targets all layers (target_layers null) and has {len(cfg.target_layers)} of them, "
+            f"but the base model has {backbone.block_count} layers ({where})"
+        )
     expected = backbone.widths
     for head in HEAD_KINDS:
         if widths[head] is not None and widths[head] != expected[head]:
@@ -840,7 +847,7 @@ def convert_adapter(
     widths: dict[str, int | None] = {h: None for h in HEAD_KINDS}
     layers = {i: collect_layer(i, by_layer[i], cfg, widths) for i in cfg.target_layers}
     if backbone is not None:
-        _validate_against_backbone(cfg, by_layer, widths, backbone, arch)
+        _validate_against_backbone(cfg, by_layer, widths, backbone, arch, all_layers=raw_config.get("target_layers") in (None, "all"))
         widths = dict(backbone.widths)
     if target_arch in ROPE_PERMUTED_ARCHS and backbone is None and any(h in cfg.delta_heads for h in "qk"):
         raise ValueError(
@@ -850,7 +857,7 @@ def convert_adapter(
 
     if backbone is not None:
         block_count = backbone.block_count
-    elif raw_config.get("target_layers") is None:
+    elif raw_config.get("target_layers") in (None, "all"):
         block_count = max(by_layer) + 1
     else:
         block_count = 0  # unknown without --base: the runtime skips that check

@@ -156,6 +156,9 @@ def _reject_unsupported_features(config: dict) -> None:
         raise ValueError("config.json: mlp_bias=true is not supported")
     if config.get("use_sliding_window"):
         raise ValueError("config.json: use_sliding_window=true is not supported (only full attention)")
+    other_layers = sorted(set(config.get("layer_types") or []) - {"full_attention"})
+    if other_layers:
+        raise ValueError(f"config.json: layer_types {other_layers} are not supported (only full_attention)")
 
 
 def _no_rope_layers(config: dict) -> list[int]:

@@ -6,11 +6,14 @@ import sys
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .convert import hf_to_gguf
+    from . import cli_text
+    from .convert import adapter, hf_to_gguf
 
     parser = argparse.ArgumentParser(prog="deltamem", description="pydeltamem: local LLM inference with δ-mem")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cli_text.register_cli(sub)
     hf_to_gguf.register_cli(sub)
+    adapter.register_cli(sub)
     return parser
 
 
@@ -22,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"deltamem {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C: stop quietly, with the conventional status
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import _core
+from . import memory as _memfile
 
 _LOGITS = {"none": _core.LOGITS_NONE, "last": _core.LOGITS_LAST, "all": _core.LOGITS_ALL}
 _KV_TYPES = {"f16": _core.KV_F16, "f32": _core.KV_F32}
@@ -44,7 +45,8 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512,
-                 n_threads: int | None = None, kv_type: str = "f16", use_mmap: bool = True):
+                 n_threads: int | None = None, kv_type: str = "f16", use_mmap: bool = True,
+                 adapter: str | os.PathLike | None = None):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"model file not found: {path!r}")
@@ -56,7 +58,11 @@ class Model:
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.kv_type = kv_type
-        self._native = _core.Model(path, use_mmap)
+        if adapter is not None and not os.path.isfile(os.fspath(adapter)):
+            raise ValueError(f"adapter file not found: {os.fspath(adapter)!r}")
+        self._native = _core.Model(path, use_mmap, None if adapter is None else os.fspath(adapter))
+        info = self._native.adapter_info
+        self._adapter: dict[str, Any] | None = None if info is None else json.loads(info)
         self._metadata: dict[str, Any] | None = None
 
     # ---- lifecycle ----
@@ -100,6 +106,11 @@ class Model:
         return self._native.n_embd
 
     @property
+    def adapter(self) -> dict[str, Any] | None:
+        """The δ-mem adapter (rank, heads, modes, target layers, fingerprint), or None."""
+        return None if self._adapter is None else dict(self._adapter)
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """GGUF key/value metadata; long arrays (vocabularies, merges) are summarised as "[type; n]"."""
         if self._metadata is None:
@@ -109,21 +120,94 @@ class Model:
 
     # ---- contexts ----
     def context(self, *, n_ctx: int | None = None, n_batch: int | None = None,
-                n_threads: int | None = None, kv_type: str | None = None) -> "Context":
-        """A new sequence with its own KV cache; defaults come from the Model's arguments."""
+                n_threads: int | None = None, kv_type: str | None = None, dmem_fused: bool = True) -> "Context":
+        """A new sequence with its own KV cache (and δ-mem state); defaults come from the Model.
+
+        dmem_fused=False runs δ-mem prefill scans with portable ggml ops instead of the fused CPU kernel.
+        """
         return Context(self, n_ctx=n_ctx or self.n_ctx, n_batch=n_batch or self.n_batch,
                        n_threads=n_threads if n_threads is not None else self.n_threads,
-                       kv_type=kv_type or self.kv_type)
+                       kv_type=kv_type or self.kv_type, dmem_fused=dmem_fused)
+
+    # ---- tokenizer ----
+    def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of text. add_special adds BOS/EOS as the GGUF asks; parse_special turns the
+        text of control tokens (e.g. "<|im_start|>") into those tokens instead of plain text."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return list(_core.tokenize(self._native.ptr, data, add_special, parse_special))
+
+    def detokenize(self, ids: Iterable[int] | np.ndarray, special: bool = False) -> str:
+        """Text of token ids; control tokens render as their text only when special is true."""
+        data = _core.detokenize(self._native.ptr, _token_list(ids), special)
+        return data.decode("utf-8", errors="replace")
+
+    @property
+    def token_bos(self) -> int | None:
+        return _optional_token(_core.token_bos(self._native.ptr))
+
+    @property
+    def token_eos(self) -> int | None:
+        return _optional_token(_core.token_eos(self._native.ptr))
+
+    @property
+    def token_eot(self) -> int | None:
+        """End-of-turn token (e.g. <|im_end|>), None when the model has none."""
+        return _optional_token(_core.token_eot(self._native.ptr))
+
+    # ---- text generation (pydeltamem/completion.py) ----
+    def create_completion(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                          typical_p: float = 1.0, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, stop: str | Sequence[str] | None = None,
+                          seed: int | None = None, stream: bool = False,
+                          logit_bias: dict[int, float] | None = None):
+        """Completes prompt (text or token ids); an OpenAI-shaped "text_completion" dict, or an iterator
+        of chunks with stream=True. Stop strings end the text and are not part of it; max_tokens
+        None or <= 0 generates until the context is full. temperature 0 is greedy; seed=None is random."""
+        from .completion import create_completion
+        return create_completion(self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                 top_k=top_k, min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
+                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                 stop=stop, seed=seed, stream=stream, logit_bias=logit_bias)
+
+    __call__ = create_completion
+
+    def create_chat_completion(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
+                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
+                               frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                               stop: str | Sequence[str] | None = None, seed: int | None = None,
+                               stream: bool = False, logit_bias: dict[int, float] | None = None):
+        """Answers a conversation rendered with the model's chat template; an OpenAI-shaped
+        "chat.completion" dict, or "chat.completion.chunk"s with stream=True. Generation also ends at
+        the end-of-turn token. A conversation that grows turn by turn decodes only its new tokens."""
+        from .completion import create_chat_completion
+        return create_chat_completion(self, messages, max_tokens=max_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+                                      repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                                      presence_penalty=presence_penalty, stop=stop, seed=seed, stream=stream,
+                                      logit_bias=logit_bias)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str = "*Q4_K_M.gguf", cache_dir: str | os.PathLike | None = None,
+                        **kwargs: Any) -> "Model":
+        """Downloads (or finds in the Hugging Face cache) the one GGUF of repo_id matching the glob
+        filename, and loads it; kwargs go to Model()."""
+        from .hub import download_gguf
+        return cls(download_gguf(repo_id, filename, cache_dir=cache_dir), **kwargs)
 
 
 class Context:
-    """One sequence being decoded: its KV cache, thread pool and position."""
+    """One sequence being decoded: its KV cache, δ-mem state, thread pool and position."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int | None, kv_type: str):
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int | None, kv_type: str,
+                 dmem_fused: bool = True):
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError(f"n_ctx and n_batch must be positive (got n_ctx={n_ctx}, n_batch={n_batch})")
         self.model = model
-        self._native = _core.Context(model._native, n_ctx, n_batch, n_threads or 0, _kv_type_code(kv_type))
+        self.kv_type = kv_type
+        self._native = _core.Context(model._native, n_ctx, n_batch, n_threads or 0, _kv_type_code(kv_type),
+                                     dmem_fused)
 
     def close(self) -> None:
         self._native.close()
@@ -143,21 +227,132 @@ class Context:
         """Number of tokens in the sequence so far."""
         return self._native.n_past
 
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids of the sequence so far."""
+        return self._native.tokens()
+
+    def truncate(self, n: int) -> None:
+        """Keeps the first n tokens (the δ-mem state is not rolled back)."""
+        self._native.truncate(n)
+
     def reset(self) -> None:
-        """Forgets every token of the sequence."""
+        """Forgets every token of the sequence (the δ-mem state is kept; see reset_memory)."""
         self._native.reset()
 
-    def decode(self, tokens: Sequence[int] | np.ndarray, logits: str = "last") -> np.ndarray | None:
+    def decode(self, tokens: Sequence[int] | np.ndarray, logits: str = "last", *,
+               message_ids: Sequence[int] | None = None, sentence_ids: Sequence[int] | None = None,
+               write: bool = True) -> np.ndarray | None:
         """Appends tokens to the sequence and returns logits.
 
         logits="last": float32 [n_vocab] for the last token; "all": float32 [len(tokens), n_vocab];
-        "none": None (prefill only).
+        "none": None (prefill only). With a δ-mem adapter, message_ids / sentence_ids (one per token,
+        -1 for template glue) drive message_mean / sentence_mean writes; write=False only reads memory.
         """
         if logits not in _LOGITS:
             raise ValueError(f"logits must be one of {sorted(_LOGITS)}, got {logits!r}")
         ids = _token_list(tokens)
-        out = self._native.decode(ids, _LOGITS[logits])
+        seg_ids = self._segment_ids(len(ids), message_ids, sentence_ids)
+        out = self._native.decode(ids, _LOGITS[logits], seg_ids, bool(write))
         return None if logits == "none" else out
+
+    def _segment_ids(self, n: int, message_ids, sentence_ids) -> list[int] | None:
+        for name, ids in (("message_ids", message_ids), ("sentence_ids", sentence_ids)):
+            if ids is not None and len(ids) != n:
+                raise ValueError(f"{name} has {len(ids)} entries for {n} tokens")
+        granularity = (self.model._adapter or {}).get("write_granularity")
+        chosen = {"message_mean": message_ids, "sentence_mean": sentence_ids}.get(granularity)
+        return None if chosen is None else [int(i) for i in chosen]
+
+    # ---- δ-mem memory ----
+    def _require_adapter(self) -> dict[str, Any]:
+        if self.model._adapter is None:
+            raise ValueError("this model has no δ-mem adapter (load one with Model(..., adapter=PATH))")
+        return self.model._adapter
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int, int]:
+        a = self._require_adapter()
+        r = a["rank"]
+        return (len(a["target_layers"]), a["num_state_heads"], r, r)
+
+    @property
+    def memory(self) -> np.ndarray:
+        """A copy of the δ-mem state, float32 [n_target_layers, H, r, r] (rows: value dims)."""
+        return self._native.memory_get().reshape(self.memory_shape)
+
+    @memory.setter
+    def memory(self, value: np.ndarray) -> None:
+        arr = np.asarray(value, dtype=np.float32)
+        if arr.shape != self.memory_shape:
+            raise ValueError(f"memory must have shape {self.memory_shape}, got {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("memory values must be finite")
+        self._native.memory_set(np.ascontiguousarray(arr).reshape(-1))
+
+    def reset_memory(self) -> None:
+        """Zeroes the δ-mem state (the tokens and KV cache are kept)."""
+        self._require_adapter()
+        self._native.memory_reset()
+
+    def save_memory(self, path: str | os.PathLike) -> None:
+        """Writes the δ-mem state to a small file tied to the adapter's fingerprint (atomically)."""
+        adapter = self._require_adapter()
+        mem = self.memory
+        header = _memfile.memory_header(adapter, mem.shape)
+        _memfile.write_atomically(path, _memfile.pack(_memfile.MEMORY_MAGIC, header, [mem.astype("<f4").tobytes()]))
+
+    def load_memory(self, path: str | os.PathLike) -> None:
+        """Restores a state written by save_memory; raises ValueError for another adapter's memory."""
+        adapter = self._require_adapter()
+        path = os.fspath(path)
+        header, payload = _memfile.unpack(path, _memfile.MEMORY_MAGIC, "memory")
+        _memfile.check_memory_header(header, adapter, self.memory_shape, path)
+        self.memory = _memfile.floats(payload, int(np.prod(self.memory_shape)), path, "memory").reshape(self.memory_shape)
+
+    # ---- whole-context state ----
+    def _state_header(self, n_tokens: int, kv_bytes: int) -> dict[str, Any]:
+        m = self.model
+        return {"arch": m.arch, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_vocab": m.n_vocab,
+                "kv_type": self.kv_type, "n_tokens": n_tokens, "kv_bytes": kv_bytes,
+                "adapter": None if m._adapter is None else m._adapter["fingerprint"]}
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Writes tokens, KV cache and δ-mem state, so load_state continues bit-identically (atomically)."""
+        tokens = self.tokens
+        kv = self._native.kv_get()
+        mem = self._native.memory_get() if self.model._adapter is not None else np.zeros(0, np.float32)
+        header = self._state_header(len(tokens), len(kv))
+        chunks = [np.asarray(tokens, dtype="<i4").tobytes(), kv, mem.astype("<f4").tobytes()]
+        _memfile.write_atomically(path, _memfile.pack(_memfile.STATE_MAGIC, header, chunks))
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Restores a file written by save_state of a context of the same model (and adapter)."""
+        path = os.fspath(path)
+        header, payload = _memfile.unpack(path, _memfile.STATE_MAGIC, "state")
+        n, kv_bytes = int(header.get("n_tokens", -1)), int(header.get("kv_bytes", -1))
+        expected = self._state_header(n, kv_bytes)
+        for key in ("arch", "n_layer", "n_embd", "n_vocab", "kv_type", "adapter"):
+            if header.get(key) != expected[key]:
+                raise ValueError(f"{path!r} is the state of another model or setup: {key} is "
+                                 f"{header.get(key)!r}, this context has {expected[key]!r}")
+        if n < 0 or kv_bytes < 0 or len(payload) < 4 * n + kv_bytes:
+            raise ValueError(f"{path!r} is truncated or corrupted")
+        tokens = np.frombuffer(payload[:4 * n], dtype="<i4").tolist()
+        kv = bytes(payload[4 * n:4 * n + kv_bytes])
+        mem_bytes = payload[4 * n + kv_bytes:]
+        mem = None
+        if self.model._adapter is not None:
+            mem = _memfile.floats(mem_bytes, int(np.prod(self.memory_shape)), path, "memory")
+        elif len(mem_bytes):
+            raise ValueError(f"{path!r} has trailing data")
+        self._native.kv_set(tokens, kv)
+        if mem is not None:
+            self._native.memory_set(mem)
+
+
+def _optional_token(token: int) -> int | None:
+    return None if token < 0 else token
 
 
 def _token_list(tokens: Iterable[int] | np.ndarray) -> list[int]:

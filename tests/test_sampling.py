@@ -101,6 +101,21 @@ def test_top_k_never_samples_outside_k_best():
     np.testing.assert_allclose(s.probs(logits), renormalised(logits / 1.5, sorted(best)), atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
+def test_top_p_on_a_large_vocabulary(scale):
+    # Wide nuclei (hundreds to thousands of tokens) cross the chunks that top-p sorts lazily.
+    rng = np.random.default_rng(10)
+    checked = 0
+    for _ in range(6):
+        logits = random_logits(rng, 5000, scale=scale)
+        keep, cum = ref_top_p(logits, 0.9)
+        if not far_from(cum, 0.9, margin=1e-5):
+            continue
+        checked += 1
+        np.testing.assert_allclose(sampler(top_p=0.9).probs(logits), renormalised(logits, keep), atol=1e-6)
+    assert checked >= 4
+
+
 def test_top_k_larger_than_vocab_is_off():
     logits = np.array([0.3, -1.0, 2.0], dtype=np.float32)
     np.testing.assert_allclose(sampler(top_k=10).probs(logits), softmax(logits), atol=1e-6)

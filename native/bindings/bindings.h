@@ -18,3 +18,4 @@ inline void check(bool ok) {
 void bind_model(py::module_ & m);
 void bind_vocab(py::module_ & m);
 void bind_sampling(py::module_ & m);
+void bind_generate(py::module_ & m);

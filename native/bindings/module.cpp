@@ -6,4 +6,5 @@ PYBIND11_MODULE(_core, m) {
     bind_model(m);
     bind_vocab(m);
     bind_sampling(m);
+    bind_generate(m);
 }

@@ -17,6 +17,7 @@ typedef int32_t dm_token;
 typedef struct dm_model   dm_model;
 typedef struct dm_context dm_context;
 typedef struct dm_sampler dm_sampler;
+typedef struct dm_generator dm_generator;
 
 // Message of the last failed call on this thread ("" when none).
 const char * dm_last_error(void);
@@ -55,6 +56,7 @@ struct dm_context_params {
     int32_t         n_batch;     // prefill chunk size
     int32_t         n_threads;   // <= 0: physical cores
     enum dm_kv_type kv_type;
+    bool            dmem_fused;  // δ-mem prefill scans as one fused CPU op (true) or unrolled portable ops
 };
 struct dm_context_params dm_context_default_params(void);
 
@@ -73,11 +75,103 @@ enum dm_logits { DM_LOGITS_NONE = 0, DM_LOGITS_LAST = 1, DM_LOGITS_ALL = 2 };
 int32_t dm_decode(dm_context * ctx, const dm_token * tokens, int32_t n_tokens,
                   enum dm_logits which, float * logits_out);
 
+// dm_decode with δ-mem controls: seg_ids (NULL, or one id per token) are the message or sentence
+// ids that a segment-mean adapter averages its writes over (-1: never writes); write = false only
+// reads the memory. Without an adapter they are ignored.
+int32_t dm_decode_ext(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, enum dm_logits which,
+                      float * logits_out, const int32_t * seg_ids, bool write);
+
+dm_model * dm_context_model(const dm_context * ctx);
+
+// ---- δ-mem memory and context state ---------------------------------------------------------------
+
+// The adapter of a model as JSON (rank, heads, modes, layers, fingerprint), or NULL without one.
+const char * dm_model_adapter_info(const dm_model * model);
+// Floats of the memory: n_target_layers * H * r * r (0 without an adapter).
+int64_t dm_memory_size (const dm_context * ctx);
+// Copies the memory out/in, as [layer][head][row][col] float32. Return 0, or -1 on error.
+int32_t dm_memory_get  (const dm_context * ctx, float * out, int64_t n);
+int32_t dm_memory_set  (dm_context * ctx, const float * in, int64_t n);
+void    dm_memory_reset(dm_context * ctx);
+
+// KV cache rows of the current sequence, per layer keys then values: bytes needed, then a copy.
+int64_t dm_context_kv_size(const dm_context * ctx);
+int32_t dm_context_kv_get (const dm_context * ctx, void * out, int64_t size);
+// Replaces the sequence with tokens[n_tokens] and their KV rows (from dm_context_kv_get of a
+// context of the same model and KV type). Returns 0, or -1 on error.
+int32_t dm_context_kv_set (dm_context * ctx, const dm_token * tokens, int32_t n_tokens, const void * data, int64_t size);
+// Copies up to n_max tokens of the sequence into out; returns the sequence length.
+int32_t dm_context_tokens(const dm_context * ctx, dm_token * out, int32_t n_max);
+// Keeps the first n tokens of the sequence (0 <= n <= n_past). Returns 0, or -1 on error.
+int32_t dm_context_truncate(dm_context * ctx, int32_t n);
+
+// ---- generation: decode → sample → next, in C++ -----------------------------------------------
+
+enum dm_finish_reason { DM_FINISH_LENGTH = 0, DM_FINISH_STOP = 1 };
+
+// Receives generated text as it becomes final; return false to stop generating.
+typedef bool (*dm_text_callback)(const char * text, size_t len, void * user_data);
+
+struct dm_generate_params {
+    int32_t              max_tokens;     // tokens to sample at most
+    const char * const * stop;           // stop strings: text ends before the first occurrence
+    int32_t              n_stop;
+    const dm_token *     stop_tokens;    // extra end tokens (the model's end-of-generation tokens always stop)
+    int32_t              n_stop_tokens;
+};
+
+// The generator borrows ctx and sampler; free it before them.
+dm_generator * dm_generator_new (dm_context * ctx, dm_sampler * sampler, struct dm_generate_params params);
+void           dm_generator_free(dm_generator * gen);
+// Decodes prompt (n_prompt >= 1) and generates. emit may be NULL. Returns 0, or -1 on error.
+// The last sampled token is not decoded: the context holds prompt + all generated tokens but the last.
+int32_t        dm_generator_run (dm_generator * gen, const dm_token * prompt, int32_t n_prompt,
+                                 dm_text_callback emit, void * user_data);
+const dm_token *      dm_generator_tokens(const dm_generator * gen, int32_t * n_tokens);
+const char *          dm_generator_text  (const dm_generator * gen, size_t * len);
+enum dm_finish_reason dm_generator_finish(const dm_generator * gen);
+
 // ---- vocab (tokenizer; native/src/vocab) ---------------------------------------------------------
 
-// ---- sampling (sampler chain; native/src/sampling) -----------------------------------------------
+// Byte-level BPE from the GGUF's tokenizer.ggml.* metadata (tokenizer.ggml.model = "gpt2"). A model
+// without tokenizer metadata loads, but tokenizing with it fails.
 
-//
+// Tokenizes text (UTF-8, len bytes; invalid UTF-8 bytes are kept as raw bytes). add_special adds
+// BOS/EOS where the GGUF asks for them (tokenizer.ggml.add_bos_token / add_eos_token). With
+// parse_special, the text of control tokens (e.g. "<|im_start|>") becomes those tokens; otherwise it
+// is plain text. User-defined added tokens are always recognised, as Hugging Face does.
+// Returns the token count, or -(count needed) when n_max is too small (out is then unspecified),
+// or INT32_MIN on error (message in dm_last_error()).
+int32_t  dm_tokenize(const dm_model * model, const char * text, int32_t len, dm_token * out, int32_t n_max,
+                     bool add_special, bool parse_special);
+// Bytes of one token; special tokens render as their text only when special is true (else empty).
+// Returns the length, -(length needed) when size is too small, or INT32_MIN on error (bad token id).
+int32_t  dm_token_to_piece(const dm_model * model, dm_token token, char * buf, int32_t size, bool special);
+// Concatenated bytes of tokens (no NUL appended); same return convention as dm_token_to_piece.
+int32_t  dm_detokenize(const dm_model * model, const dm_token * tokens, int32_t n_tokens, char * buf,
+                       int32_t size, bool special);
+dm_token dm_token_bos(const dm_model * model);   // -1 when the model has none
+dm_token dm_token_eos(const dm_model * model);
+dm_token dm_token_eot(const dm_model * model);   // end of turn (e.g. <|im_end|>), -1 when none
+bool     dm_token_is_eog(const dm_model * model, dm_token token);   // eos, eot and other end-of-generation tokens
+bool     dm_token_is_control(const dm_model * model, dm_token token);
+// Text of a token exactly as stored in the GGUF (byte-level form for ordinary tokens), or NULL.
+const char * dm_token_get_text(const dm_model * model, dm_token token);
+
+// Incremental UTF-8 decoder for streaming: releases complete characters only, keeps an incomplete
+// trailing sequence for the next call, and replaces ill-formed bytes with U+FFFD exactly as
+// Python's bytes.decode("utf-8", errors="replace") does.
+typedef struct dm_utf8_decoder dm_utf8_decoder;
+dm_utf8_decoder * dm_utf8_decoder_new(void);
+void              dm_utf8_decoder_free(dm_utf8_decoder * dec);
+// Feeds len bytes and writes the released text to out. Returns its length, or -(length needed)
+// when size is too small, in which case nothing is consumed (size >= 3 * (len + 3) always suffices).
+int32_t dm_utf8_decoder_feed(dm_utf8_decoder * dec, const char * bytes, int32_t len, char * out, int32_t size);
+// Releases the pending bytes (an incomplete sequence becomes U+FFFD) and resets; same returns
+// (size >= 3 always suffices).
+int32_t dm_utf8_decoder_flush(dm_utf8_decoder * dec, char * out, int32_t size);
+
+// ---- sampling (sampler chain; native/src/sampling) -----------------------------------------------
 // One sampler per generated sequence. Stages, in llama-cpp-python's order:
 //   logit bias -> penalties -> top-k -> typical-p -> top-p -> min-p -> temperature -> draw.
 // top-k, typical-p, top-p and min-p see the logits at temperature 1; every stage keeps at

@@ -5,6 +5,7 @@
 #include "context/context.h"
 #include "model/model.h"
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 
@@ -22,6 +23,7 @@ dm_model * dm_model_load(const char * path, dm_model_params params) {
         if (!path) dm::fail("model path is NULL");
         auto model = std::make_unique<dm_model>();
         dm_model_load_file(*model, path, params.use_mmap);
+        dm_model_attach_adapter(*model, params.adapter_path ? params.adapter_path : "", params.use_mmap);
         return model.release();
     });
 }
@@ -65,6 +67,7 @@ dm_context_params dm_context_default_params(void) {
     p.n_batch = 512;
     p.n_threads = 0;
     p.kv_type = DM_KV_F16;
+    p.dmem_fused = true;
     return p;
 }
 
@@ -84,6 +87,21 @@ void dm_context_reset(dm_context * ctx) { ctx->truncate(0); }
 int32_t dm_decode(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, dm_logits which, float * logits_out) {
     return dm::guard<int32_t>(-1, [&] {
         ctx->decode(tokens, n_tokens, which, logits_out);
+        return 0;
+    });
+}
+
+dm_model * dm_context_model(const dm_context * ctx) { return ctx->model; }
+
+int32_t dm_context_tokens(const dm_context * ctx, dm_token * out, int32_t n_max) {
+    const int32_t n = ctx->n_past();
+    if (out) std::copy_n(ctx->tokens.begin(), std::min(n, std::max(n_max, 0)), out);
+    return n;
+}
+
+int32_t dm_context_truncate(dm_context * ctx, int32_t n) {
+    return dm::guard<int32_t>(-1, [&] {
+        ctx->truncate(n);
         return 0;
     });
 }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -46,14 +47,18 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
 
     const ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(backend);
     kv.init(m, params.n_ctx, params.kv_type == DM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft);
+    if (m.adapter) memory.init(*m.adapter, buft);
     galloc = ggml_gallocr_new(buft);
 
     // Reserve compute memory for the largest pass up front, so passes never reallocate.
-    const size_t max_nodes = dm_graph_max_nodes(m);
-    graph_meta.resize(ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false));
-    dm_graph_shape worst{params.n_batch, params.n_ctx - params.n_batch, 1};   // all-logits passes grow it on demand
-    ggml_context * ctx = new_graph_context();
-    dm_graph g = dm_build_forward(ctx, m, kv, worst, max_nodes);
+    const dm_graph_shape worst{params.n_batch, params.n_ctx - params.n_batch, 1};   // all-logits passes grow it on demand
+    const size_t max_nodes = dm_graph_max_nodes(m, worst.n_tokens, !params.dmem_fused);
+    ggml_context * ctx = new_graph_context(max_nodes);
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, max_nodes, false);
+    const dm_dmem_plan plan;
+    std::optional<dm_dmem_builder> dmem;
+    if (m.adapter) dmem.emplace(dm_dmem_builder{ctx, gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}});
+    dm_graph g = dm_build_forward(ctx, gf, m, kv, worst, dmem ? &*dmem : nullptr);
     const bool ok = ggml_gallocr_reserve(galloc, g.gf);
     ggml_free(ctx);
     if (!ok) fail("cannot allocate compute memory for n_ctx=%d, n_batch=%d", params.n_ctx, params.n_batch);
@@ -65,7 +70,9 @@ dm_context::~dm_context() {
     if (threadpool) ggml_threadpool_free(threadpool);
 }
 
-ggml_context * dm_context::new_graph_context() {
+ggml_context * dm_context::new_graph_context(size_t max_nodes) {
+    const size_t need = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
+    if (graph_meta.size() < need) graph_meta.resize(need);
     ggml_init_params ip = {graph_meta.size(), graph_meta.data(), /*no_alloc =*/ true};
     ggml_context * ctx = ggml_init(ip);
     if (!ctx) fail("cannot create a graph context");
@@ -105,27 +112,44 @@ void dm_context::set_inputs(const dm_graph & g, const dm_token * toks, const dm_
     ggml_backend_tensor_set(g.in.mask, mask_buf.data(), 0, ggml_nbytes(g.in.mask));
 }
 
-void dm_context::run_pass(const dm_token * toks, int32_t n_tokens, int32_t n_outputs, float * logits_out) {
+void dm_context::run_pass(const dm_token * toks, const int32_t * seg_ids, int32_t n_tokens, int32_t n_outputs,
+                          float * logits_out, bool write) {
     const dm_graph_shape shape{n_tokens, n_past(), n_outputs};
-    ggml_context * ctx = new_graph_context();
+    const size_t max_nodes = dm_graph_max_nodes(*model, n_tokens, !params.dmem_fused);
+    ggml_context * ctx = new_graph_context(max_nodes);
     struct ctx_free { ggml_context * c; ~ctx_free() { ggml_free(c); } } guard{ctx};
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, max_nodes, false);
 
-    dm_graph g = dm_build_forward(ctx, *model, kv, shape, dm_graph_max_nodes(*model));
+    const dm_adapter * adapter = model->adapter.get();
+    const dm_dmem_plan plan = adapter ? dm_dmem_plan::make(adapter->cfg, seg_ids, n_tokens, write) : dm_dmem_plan{};
+    std::optional<dm_dmem_builder> dmem;
+    if (adapter) dmem.emplace(dm_dmem_builder{ctx, gf, *adapter, memory, plan, n_tokens, params.dmem_fused, {}});
+    dm_graph g = dm_build_forward(ctx, gf, *model, kv, shape, dmem ? &*dmem : nullptr);
     if (!ggml_gallocr_alloc_graph(galloc, g.gf)) fail("cannot allocate the compute graph");
     set_inputs(g, toks, shape);
+    if (dmem) dmem->set_inputs();
     if (ggml_backend_graph_compute(backend, g.gf) != GGML_STATUS_SUCCESS) fail("graph computation failed");
     if (g.logits && logits_out) ggml_backend_tensor_get(g.logits, logits_out, 0, ggml_nbytes(g.logits));
     tokens.insert(tokens.end(), toks, toks + n_tokens);
 }
 
-void dm_context::decode(const dm_token * toks, int32_t n_tokens, dm_logits which, float * logits_out) {
+// Segment-mean writes average over the whole call, so such a call runs as one pass.
+int32_t dm_context::chunk_size(int32_t n_tokens, const int32_t * seg_ids, bool write) const {
+    const dm_adapter * a = model->adapter.get();
+    const bool whole_call = a && seg_ids && write && a->cfg.granularity != dm_write_granularity::token;
+    return whole_call ? n_tokens : params.n_batch;
+}
+
+void dm_context::decode(const dm_token * toks, int32_t n_tokens, dm_logits which, float * logits_out,
+                        const int32_t * seg_ids, bool write) {
     validate(toks, n_tokens);
     if (which != DM_LOGITS_NONE && !logits_out) fail("decode: no output buffer for logits");
     const size_t n_vocab = static_cast<size_t>(model->hp.n_vocab);
     const size_t n_before = tokens.size();
     try {
+        const int32_t chunk = chunk_size(n_tokens, seg_ids, write);
         for (int32_t done = 0; done < n_tokens;) {
-            const int32_t n = std::min(params.n_batch, n_tokens - done);
+            const int32_t n = std::min(chunk, n_tokens - done);
             const bool last_chunk = done + n == n_tokens;
             int32_t n_outputs = 0;
             float * out = nullptr;
@@ -136,7 +160,7 @@ void dm_context::decode(const dm_token * toks, int32_t n_tokens, dm_logits which
                 n_outputs = 1;
                 out = logits_out;
             }
-            run_pass(toks + done, n, n_outputs, out);
+            run_pass(toks + done, seg_ids ? seg_ids + done : nullptr, n, n_outputs, out, write);
             done += n;
         }
     } catch (...) {
@@ -148,4 +172,38 @@ void dm_context::decode(const dm_token * toks, int32_t n_tokens, dm_logits which
 void dm_context::truncate(int32_t n) {
     if (n < 0 || n > n_past()) fail("truncate: %d is outside [0, %d]", n, n_past());
     tokens.resize(static_cast<size_t>(n));
+}
+
+size_t dm_context::kv_bytes() const { return kv.bytes_per_token() * tokens.size(); }
+
+void dm_context::kv_get(void * out) const {
+    auto * dst = static_cast<uint8_t *>(out);
+    for (size_t il = 0; il < kv.k.size(); ++il) {
+        for (const ggml_tensor * t : {kv.k[il], kv.v[il]}) {
+            const size_t n = t->nb[1] * tokens.size();   // the first n_past rows are contiguous
+            ggml_backend_tensor_get(t, dst, 0, n);
+            dst += n;
+        }
+    }
+}
+
+void dm_context::kv_set(const dm_token * toks, int32_t n_tokens, const void * data, size_t size) {
+    if (n_tokens < 0 || n_tokens > params.n_ctx) fail("state has %d tokens, more than n_ctx = %d", n_tokens, params.n_ctx);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (toks[i] < 0 || toks[i] >= model->hp.n_vocab) fail("state holds token id %d, out of range", toks[i]);
+    }
+    const size_t per_token = kv.bytes_per_token();
+    if (size != per_token * static_cast<size_t>(n_tokens)) {
+        fail("state KV data has %zu bytes, expected %zu for %d tokens (another model or KV type?)", size,
+             per_token * static_cast<size_t>(n_tokens), n_tokens);
+    }
+    const auto * src = static_cast<const uint8_t *>(data);
+    for (size_t il = 0; il < kv.k.size(); ++il) {
+        for (ggml_tensor * t : {kv.k[il], kv.v[il]}) {
+            const size_t n = t->nb[1] * static_cast<size_t>(n_tokens);
+            ggml_backend_tensor_set(t, src, 0, n);
+            src += n;
+        }
+    }
+    tokens.assign(toks, toks + n_tokens);
 }

@@ -2,6 +2,8 @@
 #pragma once
 
 #include "context/kv_cache.h"
+#include "dmem/dmem_graph.h"
+#include "dmem/memory.h"
 #include "graph/graph.h"
 #include "model/model.h"
 
@@ -21,6 +23,7 @@ struct dm_context {
     ggml_threadpool_t        threadpool = nullptr;
     ggml_gallocr_t           galloc = nullptr;
     dm_kv_cache              kv;
+    dm_memory                memory;       // δ-mem state, when the model has an adapter
     std::vector<uint8_t>     graph_meta;   // storage for graph and tensor descriptors, reused per pass
     std::vector<dm_token>    tokens;       // the sequence so far; tokens.size() == n_past
     std::vector<ggml_fp16_t> mask_buf;
@@ -33,17 +36,26 @@ struct dm_context {
 
     int32_t n_past() const { return static_cast<int32_t>(tokens.size()); }
 
-    // Appends tokens; writes logits per `which`. Throws dm::Error on bad input, leaving the context unchanged.
-    void decode(const dm_token * toks, int32_t n_tokens, dm_logits which, float * logits_out);
+    // Appends tokens; writes logits per `which`. seg_ids (may be null) are the message or sentence
+    // ids the adapter's write granularity averages over; write = false reads the memory only.
+    // Throws dm::Error on bad input, leaving the context unchanged.
+    void decode(const dm_token * toks, int32_t n_tokens, dm_logits which, float * logits_out,
+                const int32_t * seg_ids = nullptr, bool write = true);
+    // KV rows of the sequence (per layer: keys, then values) for saving and restoring state.
+    size_t kv_bytes() const;
+    void   kv_get(void * out) const;
+    void   kv_set(const dm_token * toks, int32_t n_tokens, const void * data, size_t size);
     // Keeps the first n tokens of the sequence (later KV cells are simply ignored).
     void truncate(int32_t n);
 
 private:
     void validate(const dm_token * toks, int32_t n_tokens) const;
     // One forward pass over a chunk of at most n_batch tokens.
-    void run_pass(const dm_token * toks, int32_t n_tokens, int32_t n_outputs, float * logits_out);
+    void run_pass(const dm_token * toks, const int32_t * seg_ids, int32_t n_tokens, int32_t n_outputs,
+                  float * logits_out, bool write);
+    int32_t chunk_size(int32_t n_tokens, const int32_t * seg_ids, bool write) const;
     void set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape);
-    ggml_context * new_graph_context();
+    ggml_context * new_graph_context(size_t max_nodes);
 };
 
 // Physical cores of this machine (falls back to logical CPUs).

@@ -1,6 +1,9 @@
 #include "graph/graph.h"
 
 #include "context/kv_cache.h"
+#include "dmem/dmem_graph.h"
+
+#include <algorithm>
 
 #include <cmath>
 
@@ -14,6 +17,7 @@ struct forward_builder {
     const dm_kv_cache &    kv;
     const dm_graph_shape & shape;
     ggml_cgraph *          gf;
+    dm_dmem_builder *      dmem;   // nullptr: no δ-mem in this pass
     dm_graph_inputs        in;
 
     ggml_tensor * rms_norm(ggml_tensor * x, ggml_tensor * weight) const {
@@ -53,9 +57,15 @@ struct forward_builder {
         const dm_layer & l = model.layers[il];
         const int64_t n_tokens = shape.n_tokens;
 
-        ggml_tensor * q = linear(l.wq, x, l.bq);   // [n_embd_q,  n_tokens]
-        ggml_tensor * k = linear(l.wk, x, l.bk);   // [n_embd_kv, n_tokens]
-        ggml_tensor * v = linear(l.wv, x, l.bv);   // [n_embd_v_gqa, n_tokens]
+        // δ-mem reads the memory from the same normalised input; its corrections go in
+        // before q/k-norm and RoPE (Δq, Δk, Δv) and after the output projection (Δo).
+        const dm_dmem_layer * dl = dmem ? model.adapter->for_layer(il) : nullptr;
+        ggml_tensor * mem = dl ? dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x)
+                               : nullptr;   // [D, n_tokens]
+
+        ggml_tensor * q = correct(linear(l.wq, x, l.bq), dl ? dl->dq : nullptr, mem);   // [n_embd_q,  n_tokens]
+        ggml_tensor * k = correct(linear(l.wk, x, l.bk), dl ? dl->dk : nullptr, mem);   // [n_embd_kv, n_tokens]
+        ggml_tensor * v = correct(linear(l.wv, x, l.bv), dl ? dl->dv : nullptr, mem);   // [n_embd_v_gqa, n_tokens]
 
         q = ggml_reshape_3d(ctx, q, hp.head_dim_k, hp.n_head, n_tokens);
         k = ggml_reshape_3d(ctx, k, hp.head_dim_k, hp.n_head_kv, n_tokens);
@@ -77,7 +87,18 @@ struct forward_builder {
         ggml_flash_attn_ext_set_prec(att, GGML_PREC_F32);
         att = ggml_reshape_2d(ctx, att, hp.n_embd_o(), n_tokens);   // [n_embd_o, n_tokens]
 
-        return linear(l.wo, att, l.bo);
+        ggml_tensor * out = linear(l.wo, att, l.bo);   // [n_embd, n_tokens]
+        if (dl && dl->d_o) {
+            ggml_tensor * d = ggml_mul_mat(ctx, dl->d_o, mem);
+            if (dl->do_norm) d = ggml_mul(ctx, ggml_rms_norm(ctx, d, model.adapter->cfg.delta_o_rmsnorm_eps), dl->do_norm);
+            out = ggml_add(ctx, out, d);
+        }
+        return out;
+    }
+
+    // y + W_Δ o, the low-rank correction of one projection (scales are folded into W_Δ).
+    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta, ggml_tensor * mem) const {
+        return w_delta ? ggml_add(ctx, y, ggml_mul_mat(ctx, w_delta, mem)) : y;
     }
 
     ggml_tensor * feed_forward(int il, ggml_tensor * x) const {
@@ -101,6 +122,7 @@ struct forward_builder {
 
     dm_graph build() {
         make_inputs();
+        if (dmem) dmem->make_inputs();
         ggml_tensor * h = ggml_get_rows(ctx, model.tok_embd, in.tokens);   // [n_embd, n_tokens]
         for (int il = 0; il < hp.n_layer; ++il) {
             ggml_tensor * attn_out = attention(il, rms_norm(h, model.layers[il].attn_norm));
@@ -126,12 +148,18 @@ struct forward_builder {
 
 } // namespace
 
-size_t dm_graph_max_nodes(const dm_model & model) {
-    return std::max<size_t>(2048, static_cast<size_t>(model.hp.n_layer) * 64 + 256);
+size_t dm_graph_max_nodes(const dm_model & model, int32_t n_tokens, bool dmem_unrolled) {
+    size_t n = static_cast<size_t>(model.hp.n_layer) * 64 + 256;
+    if (model.adapter) {
+        const size_t per_step = 48;   // nodes of one unrolled read + write
+        const size_t steps = dmem_unrolled ? static_cast<size_t>(std::max(n_tokens, 1)) : 1;
+        n += model.adapter->layers.size() * (64 + per_step * steps);
+    }
+    return std::max<size_t>(2048, n);
 }
 
-dm_graph dm_build_forward(ggml_context * ctx, const dm_model & model, const dm_kv_cache & kv,
-                          const dm_graph_shape & shape, size_t max_nodes) {
-    forward_builder b{ctx, model, model.hp, kv, shape, ggml_new_graph_custom(ctx, max_nodes, false), {}};
+dm_graph dm_build_forward(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model, const dm_kv_cache & kv,
+                          const dm_graph_shape & shape, dm_dmem_builder * dmem) {
+    forward_builder b{ctx, model, model.hp, kv, shape, gf, dmem, {}};
     return b.build();
 }

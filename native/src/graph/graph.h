@@ -8,6 +8,7 @@
 #include <vector>
 
 struct dm_kv_cache;
+struct dm_dmem_builder;
 
 // Inputs of one forward pass; the builder creates the tensors, the context fills them after allocation.
 struct dm_graph_inputs {
@@ -29,9 +30,10 @@ struct dm_graph {
     ggml_tensor *   logits = nullptr;   // [n_vocab, n_outputs] or nullptr
 };
 
-// Builds the forward graph in ctx (a no_alloc context sized for max_nodes).
-dm_graph dm_build_forward(ggml_context * ctx, const dm_model & model, const dm_kv_cache & kv,
-                          const dm_graph_shape & shape, size_t max_nodes);
+// Builds the forward graph in ctx (a no_alloc context sized for max_nodes). dmem, when not null,
+// adds the model's δ-mem adapter (its graph must be gf, see dm_new_forward_graph).
+dm_graph dm_build_forward(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model, const dm_kv_cache & kv,
+                          const dm_graph_shape & shape, dm_dmem_builder * dmem);
 
-// Node budget of the forward graph for this model.
-size_t dm_graph_max_nodes(const dm_model & model);
+// Node budget of one pass; portable δ-mem scans unroll over the tokens of the pass.
+size_t dm_graph_max_nodes(const dm_model & model, int32_t n_tokens, bool dmem_unrolled);

@@ -6,24 +6,12 @@
 #include <ggml-cpu.h>
 #include <gguf.h>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <cstdio>
 #include <cstring>
 #include <set>
 
 using dm::fail;
 using dm::format;
-
-dm_model::~dm_model() {
-    if (buf_w) ggml_backend_buffer_free(buf_w);
-    if (mapping) munmap(mapping, mapping_size);
-    if (ctx_w) ggml_free(ctx_w);
-    if (gguf) gguf_free(gguf);
-}
 
 namespace {
 
@@ -183,67 +171,6 @@ void bind_tensors(dm_model & model) {
     }
 }
 
-size_t file_size_of(int fd, const std::string & path) {
-    struct stat st {};
-    if (fstat(fd, &st) != 0) fail("cannot stat '%s'", path.c_str());
-    return static_cast<size_t>(st.st_size);
-}
-
-// Checks that every tensor's data lies inside the file (a truncated download is the usual culprit).
-void check_data_bounds(const dm_model & model, size_t file_size) {
-    const size_t data_offset = gguf_get_data_offset(model.gguf);
-    const int64_t n = gguf_get_n_tensors(model.gguf);
-    for (int64_t i = 0; i < n; ++i) {
-        const size_t begin = data_offset + gguf_get_tensor_offset(model.gguf, i);
-        const size_t size = gguf_get_tensor_size(model.gguf, i);
-        if (begin > file_size || size > file_size - begin) {
-            fail("tensor '%s' lies beyond the end of the file (%zu bytes): the file is truncated",
-                 gguf_get_tensor_name(model.gguf, i), file_size);
-        }
-    }
-}
-
-// Points every weight at its bytes: the file is mapped read-only and wrapped as a CPU buffer,
-// so loading costs no copy and pages come in on first use.
-void map_weights(dm_model & model, bool use_mmap) {
-    const int fd = open(model.path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail("cannot open '%s': %s", model.path.c_str(), std::strerror(errno));
-    struct fd_closer { int fd; ~fd_closer() { close(fd); } } closer{fd};
-
-    const size_t file_size = file_size_of(fd, model.path);
-    check_data_bounds(model, file_size);
-
-    const size_t data_offset = gguf_get_data_offset(model.gguf);
-    uint8_t * base = nullptr;
-    if (use_mmap) {
-        void * addr = mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd, 0);
-        if (addr != MAP_FAILED) {
-            model.mapping = addr;
-            model.mapping_size = file_size;
-            model.buf_w = ggml_backend_cpu_buffer_from_ptr(addr, file_size);
-            base = static_cast<uint8_t *>(addr) + data_offset;
-        }
-    }
-    if (!model.buf_w) {
-        const size_t data_size = file_size - data_offset;
-        model.buf_w = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), data_size);
-        if (!model.buf_w) fail("cannot allocate %zu bytes for the weights", data_size);
-        base = static_cast<uint8_t *>(ggml_backend_buffer_get_base(model.buf_w));
-        if (pread(fd, base, data_size, static_cast<off_t>(data_offset)) != static_cast<ssize_t>(data_size)) {
-            fail("cannot read the weights of '%s'", model.path.c_str());
-        }
-    }
-    ggml_backend_buffer_set_usage(model.buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-
-    const int64_t n = gguf_get_n_tensors(model.gguf);
-    for (int64_t i = 0; i < n; ++i) {
-        ggml_tensor * t = ggml_get_tensor(model.ctx_w, gguf_get_tensor_name(model.gguf, i));
-        if (!t) fail("internal: tensor '%s' has no descriptor", gguf_get_tensor_name(model.gguf, i));
-        const ggml_status st = ggml_backend_tensor_alloc(model.buf_w, t, base + gguf_get_tensor_offset(model.gguf, i));
-        if (st != GGML_STATUS_SUCCESS) fail("cannot place tensor '%s' in the weight buffer", ggml_get_name(t));
-    }
-}
-
 void render_metadata(dm_model & model) {
     const int64_t n = gguf_get_n_kv(model.gguf);
     for (int64_t i = 0; i < n; ++i) {
@@ -258,16 +185,9 @@ void render_metadata(dm_model & model) {
 
 void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap) {
     model.path = path;
-    FILE * probe = std::fopen(path.c_str(), "rb");
-    if (!probe) fail("cannot open model file '%s': %s", path.c_str(), std::strerror(errno));
-    char magic[4] = {0, 0, 0, 0};
-    const size_t got = std::fread(magic, 1, 4, probe);
-    std::fclose(probe);
-    if (got != 4 || std::memcmp(magic, "GGUF", 4) != 0) fail("'%s' is not a GGUF file (bad magic)", path.c_str());
-
-    gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ &model.ctx_w};
-    model.gguf = gguf_init_from_file(path.c_str(), params);
-    if (!model.gguf) fail("cannot parse GGUF file '%s': corrupted or truncated header", path.c_str());
+    model.file.open(path);
+    model.gguf = model.file.gguf;
+    model.ctx_w = model.file.ctx;
 
     const std::string type = dm::gguf_string(model.gguf, "general.type").value_or("model");
     if (type == "adapter") fail("'%s' is an adapter, not a model: pass it as adapter=", path.c_str());
@@ -276,6 +196,11 @@ void dm_model_load_file(dm_model & model, const std::string & path, bool use_mma
     read_hparams(model);
     bind_tensors(model);
     model.vocab.load(model.gguf);
-    map_weights(model, use_mmap);
+    model.file.load_data(use_mmap);
     render_metadata(model);
+}
+
+void dm_model_attach_adapter(dm_model & model, const std::string & adapter_path, bool use_mmap) {
+    if (adapter_path.empty() && !dm_has_packed_adapter(model.gguf)) return;
+    model.adapter = dm_adapter_load(model, adapter_path, use_mmap);
 }

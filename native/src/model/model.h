@@ -1,12 +1,15 @@
 // The model: hyper-parameters and weights read from a GGUF file, shared by every context.
 #pragma once
 
+#include "dmem/adapter.h"
+#include "model/weights_file.h"
 #include "vocab/vocab.h"
 
 #include <ggml-backend.h>
 #include <ggml.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -60,11 +63,9 @@ struct dm_model {
     dm_arch     arch = dm_arch::llama;
     dm_hparams  hp;
 
-    gguf_context *        gguf = nullptr;      // metadata, kept for the metadata API
-    ggml_context *        ctx_w = nullptr;     // tensor descriptors of the weights
-    ggml_backend_buffer_t buf_w = nullptr;     // weight storage (the mapped file, or a copy)
-    void *                mapping = nullptr;
-    size_t                mapping_size = 0;
+    dm_weights_file file;                // the GGUF: metadata and weight storage
+    gguf_context *  gguf = nullptr;      // = file.gguf
+    ggml_context *  ctx_w = nullptr;     // = file.ctx, tensor descriptors of the weights
 
     ggml_tensor * tok_embd = nullptr;      // [n_embd, n_vocab]
     ggml_tensor * output_norm = nullptr;   // [n_embd]
@@ -73,6 +74,7 @@ struct dm_model {
     std::vector<dm_layer> layers;
 
     dm_vocab vocab;
+    std::unique_ptr<dm_adapter> adapter;   // δ-mem, when loaded (or packed in the model file)
 
     // Rendered metadata for the C API, built once at load.
     std::vector<std::string> meta_keys, meta_types, meta_values;
@@ -80,8 +82,9 @@ struct dm_model {
     dm_model() = default;
     dm_model(const dm_model &) = delete;
     dm_model & operator=(const dm_model &) = delete;
-    ~dm_model();
 };
 
 // Loads and validates everything before any compute; throws dm::Error naming the key or tensor at fault.
 void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap);
+// Attaches a δ-mem adapter from its own file, or the one packed in the model file (empty path).
+void dm_model_attach_adapter(dm_model & model, const std::string & adapter_path, bool use_mmap);

@@ -32,7 +32,7 @@ struct candidate_array {
 void validate_sampler_params(const dm_sampler_params & params);
 
 // Chain stages. Each keeps at least one candidate; each expects a non-empty array.
-void apply_top_k    (candidate_array & cur, int32_t k);
+void apply_top_k    (candidate_array & cur, int32_t k, std::vector<token_candidate> & scratch_cands);
 void apply_typical_p(candidate_array & cur, float p, std::vector<float> & scratch_scores,
                      std::vector<int32_t> & scratch_order, std::vector<token_candidate> & scratch_cands);
 void apply_top_p    (candidate_array & cur, float p);
@@ -51,11 +51,10 @@ struct dm_sampler {
     dm_sampler_params params;
     std::mt19937      rng;
 
-    // The last params.penalty_last_n accepted tokens, as a ring: history_head is the next slot
-    // to write, history_count how many slots hold a token.
+    // The last params.penalty_last_n accepted tokens. It grows up to the window size, then
+    // works as a ring in which history_head is the oldest token, the next to be overwritten.
     std::vector<dm_token> history;
-    size_t                history_head  = 0;
-    size_t                history_count = 0;
+    size_t                history_head = 0;
 
     std::vector<std::pair<dm_token, float>> logit_bias;   // sorted by token, unique
 

@@ -1,0 +1,72 @@
+// Bindings for the C++ generation loop: one call per completion; Python runs only in the
+// optional per-piece callback (streaming).
+#include "bindings/bindings.h"
+
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct generator_deleter {
+    void operator()(dm_generator * g) const { dm_generator_free(g); }
+};
+
+struct callback_state {
+    py::object fn;
+    std::optional<py::error_already_set> error;   // a Python exception raised by fn, re-raised after the run
+};
+
+bool forward_piece(const char * text, size_t len, void * user_data) {
+    auto * st = static_cast<callback_state *>(user_data);
+    if (st->error) return false;   // never call Python again after it raised
+    py::gil_scoped_acquire gil;
+    try {
+        py::object go_on = st->fn(py::bytes(text, len));
+        return go_on.is_none() || go_on.cast<bool>();
+    } catch (py::error_already_set & e) {
+        st->error.emplace(std::move(e));
+        return false;
+    }
+}
+
+py::tuple generate(intptr_t ctx_ptr, intptr_t sampler_ptr, const std::vector<dm_token> & prompt, int32_t max_tokens,
+                   const std::vector<std::string> & stop, const std::vector<dm_token> & stop_tokens, py::object on_piece) {
+    std::vector<const char *> stop_c;
+    for (const std::string & s : stop) stop_c.push_back(s.c_str());
+    dm_generate_params params{max_tokens, stop_c.data(), static_cast<int32_t>(stop_c.size()), stop_tokens.data(),
+                              static_cast<int32_t>(stop_tokens.size())};
+    std::unique_ptr<dm_generator, generator_deleter> gen(
+        dm_generator_new(reinterpret_cast<dm_context *>(ctx_ptr), reinterpret_cast<dm_sampler *>(sampler_ptr), params));
+    check(gen != nullptr);
+
+    callback_state st{on_piece, std::nullopt};
+    int32_t rc = 0;
+    {
+        py::gil_scoped_release release;
+        rc = dm_generator_run(gen.get(), prompt.data(), static_cast<int32_t>(prompt.size()),
+                              on_piece.is_none() ? nullptr : &forward_piece, &st);
+    }
+    if (st.error) throw std::move(*st.error);
+    check(rc == 0);
+
+    int32_t n = 0;
+    const dm_token * toks = dm_generator_tokens(gen.get(), &n);
+    size_t len = 0;
+    const char * text = dm_generator_text(gen.get(), &len);
+    const char * finish = dm_generator_finish(gen.get()) == DM_FINISH_STOP ? "stop" : "length";
+    return py::make_tuple(std::vector<dm_token>(toks, toks + n), py::bytes(text, len), finish);
+}
+
+} // namespace
+
+void bind_generate(py::module_ & m) {
+    m.def("generate", &generate, py::arg("ctx_ptr"), py::arg("sampler_ptr"), py::arg("prompt"), py::arg("max_tokens"),
+          py::arg("stop"), py::arg("stop_tokens"), py::arg("on_piece") = py::none(),
+          "Decodes prompt, then samples up to max_tokens tokens in C++. on_piece(bytes) -> bool|None is "
+          "called with each final piece of text (return False to stop). Returns (tokens, text_bytes, finish).");
+}

@@ -1,0 +1,105 @@
+// C API for δ-mem memory and for saving/restoring a context's state.
+#include <deltamem.h>
+
+#include "common/error.h"
+#include "context/context.h"
+#include "model/model.h"
+
+#include <string>
+
+namespace {
+
+std::string json_list(const std::vector<std::string> & items) {
+    std::string s = "[";
+    for (size_t i = 0; i < items.size(); ++i) s += (i ? ", \"" : "\"") + items[i] + "\"";
+    return s + "]";
+}
+
+const char * mode_name(dm_update_mode m) {
+    switch (m) {
+        case dm_update_mode::standard: return "standard";
+        case dm_update_mode::lambda_outside: return "lambda_outside";
+        case dm_update_mode::no_lambda: return "no_lambda";
+    }
+    return "?";
+}
+
+const char * granularity_name(dm_write_granularity g) {
+    switch (g) {
+        case dm_write_granularity::token: return "token";
+        case dm_write_granularity::message_mean: return "message_mean";
+        case dm_write_granularity::sentence_mean: return "sentence_mean";
+    }
+    return "?";
+}
+
+std::string adapter_json(const dm_adapter & a) {
+    const dm_dmem_config & c = a.cfg;
+    std::string layers = "[";
+    for (size_t i = 0; i < a.layers.size(); ++i) layers += (i ? ", " : "") + std::to_string(a.layers[i].il);
+    layers += "]";
+    return dm::format(
+        "{\"rank\": %d, \"num_state_heads\": %d, \"rankwise_gates\": %s, \"update_mode\": \"%s\", "
+        "\"couple_lambda\": %s, \"normalize_qk\": %s, \"write_granularity\": \"%s\", \"delta_heads\": %s, "
+        "\"target_layers\": %s, \"delta_o_rmsnorm\": %s, \"fingerprint\": \"%s\", \"source\": \"%s\"}",
+        c.rank, c.n_heads, c.gate_width == c.width() ? "true" : "false", mode_name(c.update_mode),
+        c.couple_lambda ? "true" : "false", c.normalize_qk ? "true" : "false", granularity_name(c.granularity),
+        json_list(a.delta_heads).c_str(), layers.c_str(), c.delta_o_rmsnorm ? "true" : "false", a.fingerprint.c_str(),
+        a.source.c_str());
+}
+
+} // namespace
+
+const char * dm_model_adapter_info(const dm_model * model) {
+    if (!model->adapter) return nullptr;
+    static thread_local std::string info;
+    info = adapter_json(*model->adapter);
+    return info.c_str();
+}
+
+int32_t dm_decode_ext(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, dm_logits which, float * logits_out,
+                      const int32_t * seg_ids, bool write) {
+    return dm::guard<int32_t>(-1, [&] {
+        ctx->decode(tokens, n_tokens, which, logits_out, seg_ids, write);
+        return 0;
+    });
+}
+
+int64_t dm_memory_size(const dm_context * ctx) { return static_cast<int64_t>(ctx->memory.n_floats()); }
+
+int32_t dm_memory_get(const dm_context * ctx, float * out, int64_t n) {
+    return dm::guard<int32_t>(-1, [&] {
+        if (n != dm_memory_size(ctx)) dm::fail("memory has %lld floats, buffer holds %lld", static_cast<long long>(dm_memory_size(ctx)), static_cast<long long>(n));
+        ctx->memory.get(out);
+        return 0;
+    });
+}
+
+int32_t dm_memory_set(dm_context * ctx, const float * in, int64_t n) {
+    return dm::guard<int32_t>(-1, [&] {
+        if (!ctx->model->adapter) dm::fail("the model has no δ-mem adapter");
+        if (n != dm_memory_size(ctx)) dm::fail("memory needs %lld floats, got %lld", static_cast<long long>(dm_memory_size(ctx)), static_cast<long long>(n));
+        ctx->memory.set(in);
+        return 0;
+    });
+}
+
+void dm_memory_reset(dm_context * ctx) { ctx->memory.clear(); }
+
+int64_t dm_context_kv_size(const dm_context * ctx) { return static_cast<int64_t>(ctx->kv_bytes()); }
+
+int32_t dm_context_kv_get(const dm_context * ctx, void * out, int64_t size) {
+    return dm::guard<int32_t>(-1, [&] {
+        if (size != dm_context_kv_size(ctx)) dm::fail("KV state needs %lld bytes, buffer holds %lld", static_cast<long long>(dm_context_kv_size(ctx)), static_cast<long long>(size));
+        ctx->kv_get(out);
+        return 0;
+    });
+}
+
+int32_t dm_context_kv_set(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, const void * data, int64_t size) {
+    return dm::guard<int32_t>(-1, [&] {
+        if (size < 0) dm::fail("negative state size");
+        ctx->kv_set(tokens, n_tokens, data, static_cast<size_t>(size));
+        return 0;
+    });
+}

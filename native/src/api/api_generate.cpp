@@ -1,0 +1,43 @@
+// C API for the generation loop.
+#include <deltamem.h>
+
+#include "common/error.h"
+#include "generate/generator.h"
+
+dm_generator * dm_generator_new(dm_context * ctx, dm_sampler * sampler, dm_generate_params params) {
+    return dm::guard<dm_generator *>(nullptr, [&] {
+        if (!ctx || !sampler) dm::fail("generator: context and sampler are required");
+        if (params.max_tokens < 0) dm::fail("max_tokens must be >= 0, got %d", params.max_tokens);
+        auto * gen = new dm_generator();
+        gen->ctx = ctx;
+        gen->sampler = sampler;
+        gen->max_tokens = params.max_tokens;
+        for (int32_t i = 0; i < params.n_stop; ++i) {
+            if (params.stop[i] && params.stop[i][0]) gen->stop_strings.emplace_back(params.stop[i]);
+        }
+        gen->stop_tokens.assign(params.stop_tokens, params.stop_tokens + params.n_stop_tokens);
+        return gen;
+    });
+}
+
+void dm_generator_free(dm_generator * gen) { delete gen; }
+
+int32_t dm_generator_run(dm_generator * gen, const dm_token * prompt, int32_t n_prompt, dm_text_callback emit,
+                         void * user_data) {
+    return dm::guard<int32_t>(-1, [&] {
+        gen->run(prompt, n_prompt, emit, user_data);
+        return 0;
+    });
+}
+
+const dm_token * dm_generator_tokens(const dm_generator * gen, int32_t * n_tokens) {
+    if (n_tokens) *n_tokens = static_cast<int32_t>(gen->tokens.size());
+    return gen->tokens.data();
+}
+
+const char * dm_generator_text(const dm_generator * gen, size_t * len) {
+    if (len) *len = gen->text.size();
+    return gen->text.c_str();
+}
+
+dm_finish_reason dm_generator_finish(const dm_generator * gen) { return gen->finish; }

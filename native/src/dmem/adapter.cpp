@@ -1,0 +1,188 @@
+#include "dmem/adapter.h"
+
+#include "common/error.h"
+#include "common/gguf_util.h"
+#include "model/model.h"
+
+#include <ggml-cpu.h>
+#include <gguf.h>
+
+#include <algorithm>
+#include <set>
+
+using dm::fail;
+using dm::format;
+
+namespace {
+
+int32_t require_positive(const gguf_context * g, const char * key) {
+    const int64_t v = dm::gguf_require_int(g, key);
+    if (v <= 0 || v > (1 << 20)) fail("adapter key '%s' has invalid value %lld", key, static_cast<long long>(v));
+    return static_cast<int32_t>(v);
+}
+
+dm_update_mode parse_update_mode(const std::string & s) {
+    if (s == "standard") return dm_update_mode::standard;
+    if (s == "lambda_outside") return dm_update_mode::lambda_outside;
+    if (s == "no_lambda") return dm_update_mode::no_lambda;
+    fail("adapter key 'deltamem.update_mode' = '%s' is not supported (standard, lambda_outside, no_lambda)", s.c_str());
+}
+
+dm_write_granularity parse_granularity(const std::string & s) {
+    if (s == "token") return dm_write_granularity::token;
+    if (s == "message_mean") return dm_write_granularity::message_mean;
+    if (s == "sentence_mean") return dm_write_granularity::sentence_mean;
+    fail("adapter key 'deltamem.write_granularity' = '%s' is not supported (token, message_mean, sentence_mean)", s.c_str());
+}
+
+dm_dmem_config read_config(const gguf_context * g) {
+    dm_dmem_config c;
+    c.rank = require_positive(g, "deltamem.rank");
+    c.n_heads = require_positive(g, "deltamem.num_state_heads");
+    c.update_mode = parse_update_mode(dm::gguf_string(g, "deltamem.update_mode").value_or("standard"));
+    c.granularity = parse_granularity(dm::gguf_string(g, "deltamem.write_granularity").value_or("token"));
+    c.couple_lambda = dm::gguf_bool(g, "deltamem.couple_lambda").value_or(true);
+    c.normalize_qk = dm::gguf_bool(g, "deltamem.normalize_qk").value_or(true);
+    c.qk_norm_eps = static_cast<float>(dm::gguf_float(g, "deltamem.qk_norm_eps").value_or(1e-6));
+    c.delta_o_rmsnorm = dm::gguf_bool(g, "deltamem.delta_o_rmsnorm").value_or(false);
+    c.delta_o_rmsnorm_eps = static_cast<float>(dm::gguf_float(g, "deltamem.delta_o_rmsnorm_eps").value_or(1e-6));
+    const bool rankwise = dm::gguf_bool(g, "deltamem.rankwise_gates").value_or(true);
+    c.gate_width = rankwise ? c.width() : c.n_heads;
+    if (!dm::gguf_bool(g, "deltamem.scales_folded").value_or(false)) {
+        fail("adapter key 'deltamem.scales_folded' must be true: convert the adapter with deltamem convert-adapter");
+    }
+    return c;
+}
+
+void check_backbone(const gguf_context * g, const dm_model & model) {
+    const dm_hparams & hp = model.hp;
+    const std::string arch = dm::gguf_require_string(g, "general.architecture");
+    if (arch != model.arch_name) {
+        fail("adapter is for architecture '%s' but the model is '%s'", arch.c_str(), model.arch_name.c_str());
+    }
+    const struct { const char * key; int32_t want; } dims[] = {
+        {"deltamem.block_count", hp.n_layer},
+        {"deltamem.embedding_length", hp.n_embd},
+    };
+    for (const auto & d : dims) {
+        const int64_t v = dm::gguf_int(g, d.key).value_or(0);   // 0: converted without --base, unknown
+        if (v != 0 && v != d.want) fail("adapter does not fit the model: %s = %lld, the model has %d", d.key, static_cast<long long>(v), d.want);
+    }
+}
+
+// Looks up and checks adapter tensors of one layer.
+struct layer_reader {
+    ggml_context * ctx;
+    int32_t il;
+    std::set<std::string> & claimed;
+
+    ggml_tensor * get(const char * suffix, std::initializer_list<int64_t> shape, bool required, bool matrix) {
+        const std::string name = format("blk.%d.dmem_%s", il, suffix);
+        ggml_tensor * t = ggml_get_tensor(ctx, name.c_str());
+        if (!t) {
+            if (required) fail("adapter is missing tensor '%s'", name.c_str());
+            return nullptr;
+        }
+        claimed.insert(name);
+        int i = 0;
+        bool ok = true;
+        for (int64_t d : shape) ok = ok && t->ne[i++] == d;
+        for (; i < GGML_MAX_DIMS; ++i) ok = ok && t->ne[i] == 1;
+        if (!ok) {
+            std::string want, got;
+            for (int64_t d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
+            for (int j = 0; j < ggml_n_dims(t); ++j) got += (j ? ", " : "") + std::to_string(t->ne[j]);
+            fail("adapter tensor '%s' has shape [%s], the model needs [%s]", name.c_str(), got.c_str(), want.c_str());
+        }
+        if (!matrix && t->type != GGML_TYPE_F32) fail("adapter tensor '%s' must be f32", name.c_str());
+        if (matrix && t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16) {
+            fail("adapter tensor '%s' has type %s (f32 or f16 expected)", name.c_str(), ggml_type_name(t->type));
+        }
+        return t;
+    }
+};
+
+dm_dmem_layer read_layer(ggml_context * ctx, int32_t il, const dm_model & model, const dm_dmem_config & c,
+                         const std::vector<std::string> & heads, std::set<std::string> & claimed) {
+    const dm_hparams & hp = model.hp;
+    const int64_t E = hp.n_embd, D = c.width(), G = c.gate_width;
+    auto has = [&](const char * h) { return std::find(heads.begin(), heads.end(), h) != heads.end(); };
+    layer_reader r{ctx, il, claimed};
+    dm_dmem_layer l;
+    l.il = il;
+    l.mq = r.get("mq.weight", {E, D}, true, true);
+    l.mk = r.get("mk.weight", {E, D}, true, true);
+    l.mv = r.get("mv.weight", {E, D}, true, true);
+    l.beta_w = r.get("beta.weight", {E, G}, true, true);
+    l.beta_b = r.get("beta.bias", {G}, true, false);
+    if (c.uses_lambda_weights()) {
+        l.lambda_w = r.get("lambda.weight", {E, G}, true, true);
+        l.lambda_b = r.get("lambda.bias", {G}, true, false);
+    }
+    l.dq = r.get("dq.weight", {D, hp.n_embd_q()}, has("q"), true);
+    l.dk = r.get("dk.weight", {D, hp.n_embd_kv()}, has("k"), true);
+    l.dv = r.get("dv.weight", {D, hp.n_embd_v_gqa()}, has("v"), true);
+    l.d_o = r.get("do.weight", {D, E}, has("o"), true);
+    if (c.delta_o_rmsnorm && l.d_o) l.do_norm = r.get("do_norm.weight", {E}, true, false);
+    return l;
+}
+
+std::vector<int32_t> target_layers(const gguf_context * g, int32_t n_layer) {
+    std::vector<int32_t> out;
+    if (auto list = dm::gguf_int_array(g, "deltamem.target_layers")) {
+        for (int64_t il : *list) {
+            if (il < 0 || il >= n_layer) fail("adapter targets layer %lld but the model has %d layers", static_cast<long long>(il), n_layer);
+            out.push_back(static_cast<int32_t>(il));
+        }
+    } else {
+        for (int32_t il = 0; il < n_layer; ++il) out.push_back(il);
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    return out;
+}
+
+} // namespace
+
+bool dm_has_packed_adapter(const gguf_context * gguf) { return gguf_find_key(gguf, "deltamem.rank") >= 0; }
+
+std::unique_ptr<dm_adapter> dm_adapter_load(const dm_model & model, const std::string & path, bool use_mmap) {
+    auto a = std::make_unique<dm_adapter>();
+    const gguf_context * g = model.gguf;
+    ggml_context * ctx = model.ctx_w;
+    a->source = model.path;
+    if (!path.empty()) {
+        a->file = std::make_unique<dm_weights_file>();
+        a->file->open(path);
+        g = a->file->gguf;
+        ctx = a->file->ctx;
+        a->source = path;
+        const std::string type = dm::gguf_string(g, "general.type").value_or("");
+        const std::string kind = dm::gguf_string(g, "adapter.type").value_or("");
+        if (type != "adapter" || kind != "delta-mem") {
+            fail("'%s' is not a δ-mem adapter (general.type='%s', adapter.type='%s')", path.c_str(), type.c_str(), kind.c_str());
+        }
+    }
+    check_backbone(g, model);
+    a->cfg = read_config(g);
+    a->fingerprint = dm::gguf_require_string(g, "deltamem.fingerprint");
+    a->delta_heads = dm::gguf_string_array(g, "deltamem.delta_heads").value_or(std::vector<std::string>{"q", "o"});
+    for (const std::string & h : a->delta_heads) {
+        if (h != "q" && h != "k" && h != "v" && h != "o") fail("adapter key 'deltamem.delta_heads' has unknown head '%s'", h.c_str());
+    }
+
+    std::set<std::string> claimed;
+    a->slot_of_layer.assign(model.hp.n_layer, -1);
+    for (int32_t il : target_layers(g, model.hp.n_layer)) {
+        a->slot_of_layer[il] = static_cast<int32_t>(a->layers.size());
+        a->layers.push_back(read_layer(ctx, il, model, a->cfg, a->delta_heads, claimed));
+    }
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+        const std::string name = ggml_get_name(t);
+        if (name.find(".dmem_") != std::string::npos && !claimed.count(name)) {
+            fail("adapter tensor '%s' belongs to no targeted layer or head", name.c_str());
+        }
+    }
+    if (a->file) a->file->load_data(use_mmap);
+    return a;
+}

@@ -1,0 +1,71 @@
+// A δ-mem adapter: configuration and weights (docs/adapter-format.md), validated against a model.
+#pragma once
+
+#include "model/weights_file.h"
+
+#include <ggml.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct dm_model;
+
+enum class dm_update_mode { standard, lambda_outside, no_lambda };
+enum class dm_write_granularity { token, message_mean, sentence_mean };
+
+struct dm_dmem_config {
+    int32_t rank = 8;             // r
+    int32_t n_heads = 1;          // H, state heads
+    int32_t gate_width = 8;       // D (rankwise gates) or H (one gate per head)
+    dm_update_mode       update_mode = dm_update_mode::standard;
+    dm_write_granularity granularity = dm_write_granularity::token;
+    bool    couple_lambda = true;
+    bool    normalize_qk = true;
+    float   qk_norm_eps = 1e-6f;
+    bool    delta_o_rmsnorm = false;
+    float   delta_o_rmsnorm_eps = 1e-6f;
+
+    int32_t width() const { return rank * n_heads; }   // D
+    bool uses_lambda_weights() const { return !couple_lambda && update_mode != dm_update_mode::no_lambda; }
+};
+
+// Weights of one targeted layer; the W_Δ matrices already carry every constant scale.
+struct dm_dmem_layer {
+    int32_t       il = -1;            // backbone layer index
+    ggml_tensor * mq = nullptr;       // [n_embd, D]
+    ggml_tensor * mk = nullptr;       // [n_embd, D]
+    ggml_tensor * mv = nullptr;       // [n_embd, D]
+    ggml_tensor * beta_w = nullptr;   // [n_embd, G]
+    ggml_tensor * beta_b = nullptr;   // [G]
+    ggml_tensor * lambda_w = nullptr; // [n_embd, G] (uncoupled λ only)
+    ggml_tensor * lambda_b = nullptr; // [G]
+    ggml_tensor * dq = nullptr;       // [D, n_embd_q]     (absent when q is not a delta head)
+    ggml_tensor * dk = nullptr;       // [D, n_embd_kv]
+    ggml_tensor * dv = nullptr;       // [D, n_embd_v_gqa]
+    ggml_tensor * d_o = nullptr;      // [D, n_embd]
+    ggml_tensor * do_norm = nullptr;  // [n_embd] (delta_o_rmsnorm only)
+};
+
+struct dm_adapter {
+    dm_dmem_config             cfg;
+    std::string                fingerprint;
+    std::string                source;        // the adapter file, or the model file when packed
+    std::vector<dm_dmem_layer> layers;        // one per targeted layer, in layer order
+    std::vector<int32_t>       slot_of_layer; // [n_layer] index into layers, or -1
+    std::vector<std::string>   delta_heads;
+    std::unique_ptr<dm_weights_file> file;    // own storage when loaded from a separate file
+
+    const dm_dmem_layer * for_layer(int32_t il) const {
+        const int32_t s = slot_of_layer[il];
+        return s < 0 ? nullptr : &layers[s];
+    }
+};
+
+// True when the model file carries an adapter's keys (a packed model).
+bool dm_has_packed_adapter(const gguf_context * gguf);
+
+// Reads and validates an adapter against the model: from its own file (path), or packed in the
+// model's file (path empty). Throws dm::Error naming the key or tensor at fault.
+std::unique_ptr<dm_adapter> dm_adapter_load(const dm_model & model, const std::string & path, bool use_mmap);

@@ -1,0 +1,67 @@
+// δ-mem in the forward graph: memory projections, the read-before-write scan, corrections.
+#pragma once
+
+#include "dmem/adapter.h"
+#include "dmem/memory.h"
+
+#include <ggml.h>
+
+#include <cstdint>
+#include <vector>
+
+// What the memory does during one pass, decided per call on the host.
+struct dm_dmem_plan {
+    // true: token writes, each token reads the state and then writes (in token order).
+    // false: every token reads the state as it was at the start of the pass, then `items` write.
+    bool interleaved = true;
+    bool write = true;                             // interleaved only: false = read without writing
+    std::vector<std::vector<int32_t>> items;       // read-then-write: token indices averaged into each write
+
+    // Token writes, or one write per segment id >= 0 (in increasing id order) when ids are given.
+    static dm_dmem_plan make(const dm_dmem_config & cfg, const int32_t * ids, int32_t n_tokens, bool write);
+};
+
+// Graph inputs the δ-mem ops need, shared by every layer of a pass.
+struct dm_dmem_inputs {
+    ggml_tensor * plan = nullptr;   // [n_tokens + 1] i32: write item per token (-1: none), then the mode
+    ggml_tensor * avg  = nullptr;   // [n_tokens, n_items] f32: averaging weights of each write item
+};
+
+struct dm_dmem_builder {
+    ggml_context *       ctx;
+    ggml_cgraph *        gf;
+    const dm_adapter &   adapter;
+    const dm_memory &    memory;
+    const dm_dmem_plan & plan;
+    int32_t              n_tokens;
+    bool                 fused;     // CPU custom op for multi-token scans; portable ops otherwise
+    dm_dmem_inputs       in;
+
+    void make_inputs();
+    // Runs the memory of one targeted layer on x ([n_embd, n_tokens], the attention input after
+    // its RMSNorm) and updates its state; returns the reads o: [D, n_tokens].
+    ggml_tensor * read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x);
+    // Host data of the inputs, once they are allocated.
+    void set_inputs() const;
+
+private:
+    struct projections {
+        ggml_tensor * q, * k, * v, * beta, * lambda;   // raw (before nonlinearities): [D or G, n]
+    };
+    struct gates {
+        ggml_tensor * keep, * erase, * write;          // [1 or r, 1, H] as rows; nullptr keep = 1
+        ggml_tensor * keep_rows;                       // keep shaped [1, r or 1, H] for the state rows
+    };
+    projections project(const dm_dmem_layer & l, ggml_tensor * x) const;
+    ggml_tensor * normalize(ggml_tensor * m) const;                     // [D, n] -> [r, H, n]
+    gates         gate_values(ggml_tensor * beta_col, ggml_tensor * lambda_col) const;
+    ggml_tensor * column(ggml_tensor * m, int64_t i) const;             // [rows, n] -> [rows, 1]
+    ggml_tensor * heads(ggml_tensor * col) const;                       // [D, 1] -> [r, 1, H]
+    ggml_tensor * read(ggml_tensor * S, ggml_tensor * q_col) const;     // -> [D, 1]
+    ggml_tensor * write(ggml_tensor * S, ggml_tensor * k_col, ggml_tensor * v_col, const gates & g) const;
+    ggml_tensor * portable(const projections & p, ggml_tensor * state);
+    ggml_tensor * fused_scan(const projections & p, ggml_tensor * state) const;
+};
+
+// Reference CPU kernel of the scan (the fused custom op), exposed for tests of the portable path.
+void dm_dmem_scan_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);

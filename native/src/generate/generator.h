@@ -1,0 +1,35 @@
+// The generation loop: decode → sample → next, in C++ so that Python is touched at most once per
+// emitted piece of text (and not at all without streaming).
+#pragma once
+
+#include <deltamem.h>
+
+#include <string>
+#include <vector>
+
+struct dm_generator {
+    dm_context * ctx = nullptr;
+    dm_sampler * sampler = nullptr;
+    int32_t      max_tokens = 16;
+    std::vector<std::string> stop_strings;   // generation ends before the first occurrence of any
+    std::vector<dm_token>    stop_tokens;    // extra end tokens besides the model's end-of-generation ones
+
+    // Results of the last run.
+    std::vector<dm_token> tokens;   // sampled tokens, the stopping end token excluded
+    std::string           text;     // their text, cut before a stop string
+    dm_finish_reason      finish = DM_FINISH_LENGTH;
+
+    // Decodes the prompt (at least one token) and generates; emit receives each piece of text
+    // that can no longer turn into a stop string, always ending on a whole UTF-8 character.
+    void run(const dm_token * prompt, int32_t n_prompt, dm_text_callback emit, void * user_data);
+
+private:
+    size_t emitted = 0;   // bytes of text already given to the callback
+
+    bool is_end_token(dm_token t) const;
+    // Appends the token's bytes; true when a stop string now occurs (text is then cut before it).
+    bool append_piece(dm_token t);
+    // Length of text that is safe to emit: no partial stop string or UTF-8 sequence at its end.
+    size_t safe_length() const;
+    bool emit_upto(size_t end, dm_text_callback emit, void * user_data);
+};

@@ -1,0 +1,77 @@
+"""Files for δ-mem memory and whole-context state: small, self-describing, written atomically.
+
+Memory file: b"DMEMMEM1", a little-endian u32 header length, a JSON header (adapter fingerprint,
+shape), then the state as float32 [layers, heads, rank, rank].
+State file: b"DMEMSTA1", u32 header length, JSON header (model shape, KV type, token count,
+adapter fingerprint), then int32 tokens, the KV rows, and the memory (if any) as float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from typing import Any
+
+import numpy as np
+
+MEMORY_MAGIC = b"DMEMMEM1"
+STATE_MAGIC = b"DMEMSTA1"
+
+
+def write_atomically(path: str | os.PathLike, chunks: list[bytes]) -> None:
+    """Writes to a temporary file beside path, then renames: a crash leaves the old file intact."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def pack(magic: bytes, header: dict[str, Any], payload: list[bytes]) -> list[bytes]:
+    head = json.dumps(header, sort_keys=True).encode()
+    return [magic, struct.pack("<I", len(head)), head, *payload]
+
+
+def unpack(path: str | os.PathLike, magic: bytes, what: str) -> tuple[dict[str, Any], memoryview]:
+    """Returns the JSON header and the payload bytes of a file written by pack()."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(magic) or len(data) < len(magic) + 4:
+        raise ValueError(f"{os.fspath(path)!r} is not a pydeltamem {what} file")
+    (n,) = struct.unpack_from("<I", data, len(magic))
+    start = len(magic) + 4
+    if start + n > len(data):
+        raise ValueError(f"{os.fspath(path)!r} is truncated (header)")
+    try:
+        header = json.loads(data[start:start + n])
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)!r} has a corrupted header: {e}") from None
+    return header, memoryview(data)[start + n:]
+
+
+def memory_header(adapter: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"fingerprint": adapter["fingerprint"], "shape": list(shape)}
+
+
+def check_memory_header(header: dict[str, Any], adapter: dict[str, Any], shape: tuple[int, ...], path: str) -> None:
+    if header.get("fingerprint") != adapter["fingerprint"]:
+        raise ValueError(f"{path!r} holds memory of another adapter (fingerprint {header.get('fingerprint')!r}, "
+                         f"this model's adapter is {adapter['fingerprint']!r})")
+    if tuple(header.get("shape", ())) != tuple(shape):
+        raise ValueError(f"{path!r} holds memory of shape {header.get('shape')}, expected {list(shape)}")
+
+
+def floats(payload: memoryview, count: int, path: str, what: str) -> np.ndarray:
+    if len(payload) != 4 * count:
+        raise ValueError(f"{path!r}: {what} has {len(payload)} bytes, expected {4 * count} (truncated or corrupted)")
+    return np.frombuffer(payload, dtype="<f4").astype(np.float32)

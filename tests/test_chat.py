@@ -1,0 +1,149 @@
+"""Chat templates (rendering, helpers, sandbox, ChatML fallback) and chat completions on SmolLM2."""
+from __future__ import annotations
+
+import datetime
+import warnings
+
+import pytest
+
+import pydeltamem
+from pydeltamem import _core
+from pydeltamem.chat_template import CHATML_TEMPLATE, ChatTemplateError, model_chat_template, render_chat
+from pydeltamem.completion import chat_prompt
+from pydeltamem.defaults import default_model_path
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    with pydeltamem.Model(default_model_path(), n_ctx=512, n_threads=1) as m:
+        yield m
+
+
+# ---- templates -------------------------------------------------------------------------------------
+
+def test_smollm2_template_renders_like_hugging_face(model):
+    # SmolLM2's template adds its default system prompt when the conversation has none.
+    assert chat_prompt(model, QUESTION) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    with_system = [{"role": "system", "content": "Be brief."}] + QUESTION
+    assert chat_prompt(model, with_system, add_generation_prompt=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n")
+
+
+def test_missing_template_falls_back_to_chatml_with_a_warning():
+    with pytest.warns(UserWarning, match="ChatML"):
+        template = model_chat_template({"general.name": "no template here"})
+    assert template == CHATML_TEMPLATE
+    assert render_chat(template, [{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model_chat_template({"tokenizer.chat_template": "{{ 1 }}"}) == "{{ 1 }}"
+
+
+def test_template_helpers():
+    msgs = [{"role": "user", "content": "héllo \"you\""}]
+    template = ("{{ bos_token }}{{ messages[0] | tojson }}|{{ strftime_now('%Y') }}|"
+                "{% if add_generation_prompt %}GO{% endif %}{{ eos_token }}")
+    year = str(datetime.datetime.now().year)
+    assert render_chat(template, msgs, bos_token="<s>", eos_token="</s>") == (
+        '<s>{"role": "user", "content": "héllo \\"you\\""}|' + year + "|GO</s>")
+    assert render_chat(template, msgs, add_generation_prompt=False).endswith(f"|{year}|")
+
+
+def test_raise_exception_and_bad_templates_are_value_errors():
+    strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first!') }}{% endif %}"
+    with pytest.raises(ChatTemplateError, match="system first!"):
+        render_chat(strict, [{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="invalid chat template"):
+        render_chat("{% for %}", [])
+    with pytest.raises(ValueError, match="role"):
+        render_chat(CHATML_TEMPLATE, [{"content": "no role"}])
+
+
+def test_templates_run_sandboxed():
+    with pytest.raises(ChatTemplateError):   # the immutable sandbox forbids mutating inputs
+        render_chat("{{ messages.append(1) }}", [])
+    with pytest.raises(ChatTemplateError):   # and reaching Python internals
+        render_chat("{{ ''.__class__.__mro__[1].__subclasses__() }}", [])
+
+
+# ---- chat completions ------------------------------------------------------------------------------
+
+def test_chat_completion_has_the_openai_shape(model):
+    out = model.create_chat_completion(QUESTION, max_tokens=32, temperature=0)
+    assert out["object"] == "chat.completion"
+    assert out["id"].startswith("chatcmpl-")
+    assert isinstance(out["created"], int) and out["model"] == model.model_path
+    [choice] = out["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].strip()
+    usage = out["usage"]
+    assert usage["prompt_tokens"] == len(model.tokenize(chat_prompt(model, QUESTION), parse_special=True))
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_stops_at_the_end_of_turn(model):
+    out = model.create_chat_completion([{"role": "user", "content": "Say hello."}], temperature=0)
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] < 100
+    assert "<|im_end|>" not in out["choices"][0]["message"]["content"]
+
+
+def test_streaming_chat_yields_the_same_message(model):
+    whole = model.create_chat_completion(QUESTION, max_tokens=24, temperature=0)
+    chunks = list(model.create_chat_completion(QUESTION, max_tokens=24, temperature=0, stream=True))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-1])
+    assert content == whole["choices"][0]["message"]["content"]
+
+
+def test_seeded_chat_is_reproducible(model):
+    kw = dict(max_tokens=16, temperature=1.0, seed=7)
+    first = model.create_chat_completion(QUESTION, **kw)["choices"][0]["message"]["content"]
+    assert model.create_chat_completion(QUESTION, **kw)["choices"][0]["message"]["content"] == first
+
+
+def test_a_growing_conversation_decodes_only_its_new_tokens(model, monkeypatch):
+    decoded = []
+    real_generate = _core.generate
+
+    def spy(ctx_ptr, sampler_ptr, prompt, *rest):
+        decoded.append(len(prompt))
+        return real_generate(ctx_ptr, sampler_ptr, prompt, *rest)
+
+    monkeypatch.setattr(_core, "generate", spy)
+    conversation = [{"role": "user", "content": "Name a colour."}]
+    first = model.create_chat_completion(conversation, max_tokens=12, temperature=0)
+    n_first = first["usage"]["total_tokens"]
+    conversation += [first["choices"][0]["message"], {"role": "user", "content": "And another one?"}]
+    second = model.create_chat_completion(conversation, max_tokens=12, temperature=0)
+    n_second_prompt = second["usage"]["prompt_tokens"]
+
+    # The second prompt starts with the first prompt and answer; only what follows is decoded
+    # (the last generated token of the first turn was never decoded, so at most one more).
+    assert decoded[1] <= n_second_prompt - n_first + 2
+    assert decoded[1] < n_second_prompt // 2
+
+    # Reuse does not change the answer: a fresh context says the same.
+    model.__dict__.pop("_generation")
+    fresh = model.create_chat_completion(conversation, max_tokens=12, temperature=0)
+    assert decoded[2] == n_second_prompt
+    assert fresh["choices"][0]["message"] == second["choices"][0]["message"]
+
+
+def test_token_properties(model):
+    assert model.token_eot is not None and model.token_eos is not None
+    assert model.detokenize([model.token_eot], special=True) == "<|im_end|>"
+    assert model.detokenize([model.token_eot]) == ""   # control tokens are hidden by default
+    assert model.tokenize("<|im_end|>", add_special=False, parse_special=True) == [model.token_eot]

@@ -1,0 +1,197 @@
+"""δ-mem in the engine against the independent float64 reference (tests/dmem_reference.py).
+
+Every adapter has all weights non-zero, is written in the reference release format, converted with
+`deltamem convert-adapter`, and run through `Model(..., adapter=...)` over a multi-call session
+(prefill, single-token decodes with and without writes, another prefill).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import pydeltamem
+from dmem_fixtures import VARIANTS, make_adapter, run_session, session_calls, write_adapter
+from dmem_reference import DeltaMemReference, bare_logits_session
+from pydeltamem.convert.adapter import convert_adapter
+
+BACKBONES = {"qwen3": "qwen3-untied", "llama": "llama-gqa", "smollm3": "smollm3-nope"}
+F32_TOL = 1e-4
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_checkpoint, tiny_gguf, tiny_reference):
+    """backbone(arch) -> (f32 GGUF path, float32 HF model, checkpoint folder)."""
+    def get(arch: str):
+        name = BACKBONES[arch]
+        return tiny_gguf(name, "f32"), tiny_reference(name), tiny_checkpoint(name)
+    return get
+
+
+def convert(tmp_path, hf_model, gguf_path, overrides, *, fmt="pt", zero_corrections=False, seed=0):
+    config, tensors = make_adapter(hf_model.config, overrides, seed=seed, zero_corrections=zero_corrections)
+    folder = write_adapter(tmp_path / "adapter_src", config, tensors, fmt=fmt)
+    out = tmp_path / "adapter.gguf"
+    convert_adapter(folder, out, base=gguf_path)
+    return config, tensors, out
+
+
+def engine_session(model: pydeltamem.Model, calls, **ctx_kwargs) -> tuple[np.ndarray, pydeltamem.Context]:
+    ctx = model.context(kv_type="f32", **ctx_kwargs)
+    outs = [ctx.decode(c["tokens"], logits="all", message_ids=c["message_ids"], sentence_ids=c["sentence_ids"],
+                       write=c["write"]) for c in calls]
+    return np.concatenate(outs), ctx
+
+
+def reference_session(hf_model, config, tensors, calls) -> tuple[np.ndarray, np.ndarray]:
+    ref = DeltaMemReference(copy.deepcopy(hf_model), config, tensors)
+    logits = run_session(ref, calls).numpy()
+    return logits, ref.memory.numpy()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_matches_float64_reference(variant, backbone, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant])
+    calls = session_calls(hf_model.config.vocab_size)
+    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
+    bare = bare_logits_session(copy.deepcopy(hf_model), [c["tokens"] for c in calls]).numpy()
+
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        got, ctx = engine_session(m, calls)
+        memory = ctx.memory
+
+    err = rel_err(got, ref_logits)
+    effect = rel_err(ref_logits, bare)
+    top1 = float(np.mean(got.argmax(-1) == ref_logits.argmax(-1)))
+    print(f"{variant}: rel err {err:.2e}, adapter effect {effect:.2e}, top-1 agreement {top1:.3f}")
+    assert effect > 1e-2, "the adapter must visibly change the logits, else the comparison proves nothing"
+    assert err <= F32_TOL
+    np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "smollm3"])
+@pytest.mark.parametrize("variant", ["released", "all_heads"])
+def test_other_architectures(arch, variant, backbone, tmp_path):
+    gguf_path, hf_model, _ = backbone(arch)
+    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], fmt="safetensors")
+    calls = session_calls(hf_model.config.vocab_size)
+    ref_logits, _ = reference_session(hf_model, config, tensors, calls)
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        got, _ = engine_session(m, calls)
+    assert rel_err(got, ref_logits) <= F32_TOL
+
+
+def test_zero_corrections_reproduce_the_bare_model(backbone, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["all_heads"], zero_corrections=True)
+    calls = session_calls(hf_model.config.vocab_size)
+    with pydeltamem.Model(gguf_path, n_ctx=64) as bare_model:
+        bare, _ = engine_session(bare_model, calls)
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        got, ctx = engine_session(m, calls)
+        assert np.abs(ctx.memory).max() > 0, "the memory is written even when corrections are zero"
+    assert rel_err(got, bare) <= 1e-6
+
+
+@pytest.mark.parametrize("variant", ["released", "state_heads_4", "message_mean", "sentence_mean", "uncoupled_lambda",
+                                     "scalar_gates"])
+def test_portable_scan_matches_fused_kernel(variant, backbone, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant])
+    calls = session_calls(hf_model.config.vocab_size)
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        fused, fused_ctx = engine_session(m, calls, dmem_fused=True)
+        portable, portable_ctx = engine_session(m, calls, dmem_fused=False)
+        assert rel_err(portable, fused) <= 1e-5
+        np.testing.assert_allclose(portable_ctx.memory, fused_ctx.memory, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_prefill_equals_one_pass(backbone, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["released"])
+    tokens = session_calls(hf_model.config.vocab_size)[0]["tokens"]
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        whole = m.context(kv_type="f32").decode(tokens, logits="all")
+        chunked_ctx = m.context(kv_type="f32", n_batch=5)
+        chunked = chunked_ctx.decode(tokens, logits="all")
+    assert rel_err(chunked, whole) <= 1e-5
+
+
+def test_memory_and_state_round_trip(backbone, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["released"])
+    calls = session_calls(hf_model.config.vocab_size)
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        ctx = m.context()
+        ctx.decode(calls[0]["tokens"])
+        assert ctx.memory.shape == (hf_model.config.num_hidden_layers, 1, 8, 8)
+        assert np.abs(ctx.memory).max() > 0
+
+        ctx.save_memory(tmp_path / "mem.bin")
+        assert (tmp_path / "mem.bin").stat().st_size < 4096
+        other = m.context()
+        other.load_memory(tmp_path / "mem.bin")
+        assert np.array_equal(other.memory, ctx.memory)
+
+        ctx.save_state(tmp_path / "state.bin")
+        restored = m.context()
+        restored.load_state(tmp_path / "state.bin")
+        assert restored.tokens == ctx.tokens
+        nxt = calls[4]["tokens"]
+        assert np.array_equal(restored.decode(nxt, logits="all"), ctx.decode(nxt, logits="all"))
+        assert np.array_equal(restored.memory, ctx.memory)
+
+        ctx.reset_memory()
+        assert not np.any(ctx.memory)
+        with pytest.raises(ValueError, match="shape"):
+            ctx.memory = np.zeros((1, 1, 8, 8), np.float32)
+
+    # Memory of another adapter (another fingerprint) must not load.
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    _, _, other_adapter = convert(other_dir, hf_model, gguf_path, VARIANTS["released"], seed=7)
+    with pydeltamem.Model(gguf_path, adapter=other_adapter, n_ctx=64) as m2:
+        with pytest.raises(ValueError, match="another adapter"):
+            m2.context().load_memory(tmp_path / "mem.bin")
+        with pytest.raises(ValueError, match="another model or setup"):
+            m2.context().load_state(tmp_path / "state.bin")
+
+
+def test_packed_model_loads_its_adapter(backbone, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    config, tensors = make_adapter(hf_model.config, VARIANTS["released"])
+    folder = write_adapter(tmp_path / "src", config, tensors)
+    packed = tmp_path / "packed.gguf"
+    convert_adapter(folder, packed, base=gguf_path, pack=gguf_path)
+    separate = tmp_path / "adapter.gguf"
+    convert_adapter(folder, separate, base=gguf_path)
+    tokens = session_calls(hf_model.config.vocab_size)[0]["tokens"]
+    with pydeltamem.Model(packed, n_ctx=64) as m:
+        assert m.adapter is not None and m.adapter["rank"] == 8
+        a = m.context().decode(tokens, logits="all")
+    with pydeltamem.Model(gguf_path, adapter=separate, n_ctx=64) as m:
+        b = m.context().decode(tokens, logits="all")
+    assert np.array_equal(a, b)
+
+
+def test_bad_adapters_raise(backbone, tiny_gguf, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["released"])
+    data = adapter.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated"):
+        pydeltamem.Model(gguf_path, adapter=truncated)
+    with pytest.raises(ValueError, match="architecture"):
+        pydeltamem.Model(tiny_gguf("llama-gqa", "f32"), adapter=adapter)
+    with pytest.raises(ValueError, match="not a δ-mem adapter"):
+        pydeltamem.Model(gguf_path, adapter=gguf_path)
+    with pytest.raises(ValueError, match="an adapter, not a model"):
+        pydeltamem.Model(adapter)
