@@ -8,21 +8,23 @@ from typing import TextIO
 
 from .defaults import default_model_path
 from .model import Model
+from .session import ChatSession
 
 SAMPLING_DEFAULTS = {"generate": 0.8, "chat": 0.2}   # temperatures of create_completion / create_chat_completion
 
 
-def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None) -> Model:
+def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None, adapter: str | None = None) -> Model:
     """A Model from -m: a GGUF path, REPO_ID:FILENAME_GLOB on the Hugging Face Hub, or (None) the
-    embedded default model."""
+    embedded default model; adapter: a δ-mem adapter GGUF."""
+    options = {"n_ctx": n_ctx, "n_threads": n_threads, "adapter": adapter}
     if spec is None:
-        return Model(default_model_path(), n_ctx=n_ctx, n_threads=n_threads)
+        return Model(default_model_path(), **options)
     if os.path.exists(spec) or ":" not in spec:
-        return Model(spec, n_ctx=n_ctx, n_threads=n_threads)
+        return Model(spec, **options)
     repo_id, _, pattern = spec.partition(":")
     if not repo_id or not pattern:
         raise ValueError(f"-m expects a GGUF path or REPO_ID:FILENAME_GLOB, got {spec!r}")
-    return Model.from_pretrained(repo_id, pattern, n_ctx=n_ctx, n_threads=n_threads)
+    return Model.from_pretrained(repo_id, pattern, **options)
 
 
 def _add_model_options(p: argparse.ArgumentParser, command: str) -> None:
@@ -54,8 +56,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     chat = subparsers.add_parser("chat", help="chat with a model (interactive, or from piped stdin)",
                                  description="Chat with a model. Each input line is a user message; the answer "
                                              "streams to stdout. Commands: /reset (forget the conversation), "
-                                             "/exit (or end of input).")
+                                             "/exit (or end of input); with a δ-mem adapter also /memory "
+                                             "(per-layer state norms), /save FILE, /load FILE, /forget "
+                                             "(clear memory and conversation), /drop (drop the context, keep "
+                                             "the memory).")
     chat.add_argument("--system", metavar="TEXT", help="system prompt")
+    chat.add_argument("--adapter", metavar="ADAPTER", help="δ-mem adapter GGUF (see deltamem convert-adapter)")
     chat.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N",
                       help="tokens per answer at most (default: until the end of the turn)")
     _add_model_options(chat, "chat")
@@ -78,36 +84,73 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
+    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, adapter=args.adapter)
     interactive = sys.stdin.isatty()
-    start = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(start)
+    session = model.session(system=args.system)
     if interactive:
-        print("Type a message; /reset forgets the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+        print("Type a message; /reset forgets the conversation, /exit (or Ctrl-D) quits"
+              + ("; /memory /save FILE /load FILE /forget /drop manage δ-mem." if model.adapter else "."),
+              file=sys.stderr)
     while True:
         line = _read_line("> " if interactive else None)
         if line is None or line.strip() == "/exit":
             return 0
-        if line.strip() == "/reset":
-            messages = list(start)
-            if interactive:
-                print("(conversation reset)", file=sys.stderr)
+        text = line.strip()
+        if not text:
             continue
-        if not line.strip():
+        if text.startswith("/"):
+            session = _chat_command(text, session, model)
             continue
-        messages.append({"role": "user", "content": line})
-        answer = []
         try:
-            for chunk in model.create_chat_completion(messages, max_tokens=args.max_tokens, stream=True,
-                                                      **_sampling(args)):
-                piece = chunk["choices"][0]["delta"].get("content", "")
-                answer.append(piece)
+            for piece in session.chat(line, stream=True, max_tokens=args.max_tokens, **_sampling(args)):
                 _write(sys.stdout, piece)
         except KeyboardInterrupt:   # Ctrl-C stops this answer, not the chat
             if not interactive:
                 raise
         _write(sys.stdout, "\n")
-        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _chat_command(text: str, session: ChatSession, model: Model) -> ChatSession:
+    """Runs one /command; returns the session to go on with. Replies go to stderr: stdout carries
+    only the answers, so that piped output stays clean."""
+    command, _, arg = text.partition(" ")
+    arg = arg.strip()
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        if command == "/reset":
+            session.forget()   # the conversation, and the memory that holds it
+            say("(conversation reset)")
+        elif command in ("/memory", "/save", "/load", "/forget", "/drop") and model.adapter is None:
+            say(f"{command} needs a δ-mem adapter (--adapter)")
+        elif command == "/memory":
+            norms = session.memory_norms()
+            say("memory norms per layer: " + " ".join(f"{n:.3f}" for n in norms))
+        elif command == "/save":
+            session.save(_require(arg, command))
+            say(f"(session saved to {arg})")
+        elif command == "/load":
+            session = model.load_session(_require(arg, command))
+            say(f"(session loaded from {arg}: {len(session.messages)} messages)")
+        elif command == "/forget":
+            session.forget()
+            say("(memory and conversation cleared)")
+        elif command == "/drop":
+            session.drop_context()
+            say("(context dropped; the memory is kept)")
+        else:
+            say(f"unknown command {command}")
+    except (ValueError, OSError) as e:
+        say(f"error: {e}")
+    return session
+
+
+def _require(arg: str, command: str) -> str:
+    if not arg:
+        raise ValueError(f"{command} needs a file name")
+    return arg
 
 
 def _read_line(prompt: str | None) -> str | None:

@@ -31,39 +31,25 @@ def _generation_state(model: "Model") -> tuple["Context", threading.Lock]:
     return state
 
 
-def _context_tokens(ctx: "Context") -> list[int]:
-    tokens = getattr(ctx, "tokens", None)   # the Python Context may grow this; prefer it
-    if tokens is not None:
-        return list(tokens() if callable(tokens) else tokens)
-    return list(ctx._native.tokens())
-
-
-def _truncate(ctx: "Context", n: int) -> None:
-    truncate = getattr(ctx, "truncate", None)
-    if truncate is not None:
-        truncate(n)
-    else:
-        ctx._native.truncate(n)
-
-
 def _tokens_to_decode(ctx: "Context", prompt: list[int]) -> list[int]:
     """Keeps the context's longest prefix shared with prompt and returns the rest of prompt.
 
     At least the prompt's last token is always decoded again, so that its logits exist.
     """
-    cached = _context_tokens(ctx)
+    cached = ctx.tokens
     n_common = 0
     for a, b in zip(cached, prompt):
         if a != b:
             break
         n_common += 1
     n_keep = min(n_common, len(prompt) - 1)
+    if n_keep < len(cached) and ctx.model.adapter is not None:
+        # δ-mem writes cannot be taken back: unless the prompt extends the context, start afresh.
+        ctx.reset()
+        ctx.reset_memory()
+        return prompt
     if n_keep < len(cached):
-        try:
-            _truncate(ctx, n_keep)
-        except ValueError:   # a context that cannot rewind (e.g. its memory state) starts over
-            ctx.reset()
-            n_keep = 0
+        ctx.truncate(n_keep)   # KV rows past n_keep are simply overwritten by the next decode
     return prompt[n_keep:]
 
 
@@ -73,8 +59,14 @@ class _Request:
     """Everything one generation needs, validated before any work starts."""
 
     def __init__(self, model: "Model", prompt_tokens: list[int], *, max_tokens: int | None,
-                 stop: str | Sequence[str] | None, stop_tokens: Sequence[int], sampler_args: dict[str, Any]):
-        ctx, _ = _generation_state(model)
+                 stop: str | Sequence[str] | None, stop_tokens: Sequence[int], sampler_args: dict[str, Any],
+                 target: tuple["Context", threading.Lock] | None = None,
+                 prepare: Callable[["Context", list[int]], tuple[list[int], list[int] | None]] | None = None):
+        """target: the context to generate in and its lock (default: the model's shared one);
+        prepare(ctx, prompt) -> (tokens to decode, their δ-mem segment ids or None)."""
+        self.target = target if target is not None else _generation_state(model)
+        self.prepare = prepare if prepare is not None else (lambda c, p: (_tokens_to_decode(c, p), None))
+        ctx = self.target[0]
         if not prompt_tokens:
             raise ValueError("the prompt is empty (no tokens)")
         if len(prompt_tokens) > ctx.n_ctx:
@@ -91,14 +83,14 @@ class _Request:
 
     def run(self, on_piece: Callable[[bytes], bool] | None = None) -> tuple[list[int], str, str]:
         """Generates; returns (completion tokens, text, finish_reason)."""
-        ctx, lock = _generation_state(self.model)
+        ctx, lock = self.target
         with lock:
             sampler = _core.Sampler(**self.sampler_args)
             for t in self.prompt_tokens[-_PENALTY_LAST_N:]:
                 sampler.accept(t)   # penalties look at the prompt too, as in llama.cpp
-            todo = _tokens_to_decode(ctx, self.prompt_tokens)
+            todo, seg_ids = self.prepare(ctx, self.prompt_tokens)
             tokens, text, finish = _core.generate(ctx._native.ptr, sampler.ptr, todo, self.max_tokens,
-                                                  self.stop, self.stop_tokens, on_piece)
+                                                  self.stop, self.stop_tokens, on_piece, seg_ids)
         return list(tokens), text.decode("utf-8", errors="replace"), finish
 
     def stream(self) -> Iterator[str | tuple[list[int], str, str]]:

@@ -45,7 +45,10 @@ def pack(magic: bytes, header: dict[str, Any], payload: list[bytes]) -> list[byt
 def unpack(path: str | os.PathLike, magic: bytes, what: str) -> tuple[dict[str, Any], memoryview]:
     """Returns the JSON header and the payload bytes of a file written by pack()."""
     with open(path, "rb") as f:
-        data = f.read()
+        return unpack_bytes(f.read(), magic, what, path)
+
+
+def unpack_bytes(data: bytes, magic: bytes, what: str, path: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:
     if not data.startswith(magic) or len(data) < len(magic) + 4:
         raise ValueError(f"{os.fspath(path)!r} is not a pydeltamem {what} file")
     (n,) = struct.unpack_from("<I", data, len(magic))

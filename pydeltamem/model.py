@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from . import _core
 from . import memory as _memfile
+
+if TYPE_CHECKING:
+    from .session import ChatSession
 
 _LOGITS = {"none": _core.LOGITS_NONE, "last": _core.LOGITS_LAST, "all": _core.LOGITS_ALL}
 _KV_TYPES = {"f16": _core.KV_F16, "f32": _core.KV_F32}
@@ -67,7 +70,10 @@ class Model:
 
     # ---- lifecycle ----
     def close(self) -> None:
-        """Frees the weights. Contexts made from this model keep it alive until they close."""
+        """Frees the weights (contexts still open keep them until they close too)."""
+        generation = self.__dict__.pop("_generation", None)
+        if generation is not None:
+            generation[0].close()
         self._native.close()
 
     @property
@@ -187,6 +193,21 @@ class Model:
                                       repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                                       presence_penalty=presence_penalty, stop=stop, seed=seed, stream=stream,
                                       logit_bias=logit_bias)
+
+    # ---- chat sessions with memory ----
+    def session(self, system: str | None = None, *, memory: str | os.PathLike | None = None,
+                n_ctx: int | None = None, n_threads: int | None = None) -> "ChatSession":
+        """A chat session with its own context; memory=PATH starts it from a saved δ-mem memory."""
+        from .session import ChatSession
+
+        return ChatSession(self, system=system, memory=memory, n_ctx=n_ctx, n_threads=n_threads)
+
+    def load_session(self, path: str | os.PathLike, *, n_ctx: int | None = None,
+                     n_threads: int | None = None) -> "ChatSession":
+        """A session saved with ChatSession.save: its messages and memory (and KV cache when saved)."""
+        from .session import ChatSession
+
+        return ChatSession.load(self, path, n_ctx=n_ctx, n_threads=n_threads)
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str = "*Q4_K_M.gguf", cache_dir: str | os.PathLike | None = None,
@@ -319,17 +340,24 @@ class Context:
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Writes tokens, KV cache and δ-mem state, so load_state continues bit-identically (atomically)."""
+        _memfile.write_atomically(path, self._state_chunks())
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Restores a file written by save_state of a context of the same model (and adapter)."""
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            self._load_state_bytes(f.read(), path)
+
+    def _state_chunks(self) -> list[bytes]:
         tokens = self.tokens
         kv = self._native.kv_get()
         mem = self._native.memory_get() if self.model._adapter is not None else np.zeros(0, np.float32)
         header = self._state_header(len(tokens), len(kv))
         chunks = [np.asarray(tokens, dtype="<i4").tobytes(), kv, mem.astype("<f4").tobytes()]
-        _memfile.write_atomically(path, _memfile.pack(_memfile.STATE_MAGIC, header, chunks))
+        return _memfile.pack(_memfile.STATE_MAGIC, header, chunks)
 
-    def load_state(self, path: str | os.PathLike) -> None:
-        """Restores a file written by save_state of a context of the same model (and adapter)."""
-        path = os.fspath(path)
-        header, payload = _memfile.unpack(path, _memfile.STATE_MAGIC, "state")
+    def _load_state_bytes(self, data: bytes, path: str) -> None:
+        header, payload = _memfile.unpack_bytes(data, _memfile.STATE_MAGIC, "state", path)
         n, kv_bytes = int(header.get("n_tokens", -1)), int(header.get("kv_bytes", -1))
         expected = self._state_header(n, kv_bytes)
         for key in ("arch", "n_layer", "n_embd", "n_vocab", "kv_type", "adapter"):

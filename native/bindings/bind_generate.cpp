@@ -35,7 +35,9 @@ bool forward_piece(const char * text, size_t len, void * user_data) {
 }
 
 py::tuple generate(intptr_t ctx_ptr, intptr_t sampler_ptr, const std::vector<dm_token> & prompt, int32_t max_tokens,
-                   const std::vector<std::string> & stop, const std::vector<dm_token> & stop_tokens, py::object on_piece) {
+                   const std::vector<std::string> & stop, const std::vector<dm_token> & stop_tokens, py::object on_piece,
+                   const std::optional<std::vector<int32_t>> & seg_ids) {
+    if (seg_ids && seg_ids->size() != prompt.size()) throw py::value_error("seg_ids must have one id per prompt token");
     std::vector<const char *> stop_c;
     for (const std::string & s : stop) stop_c.push_back(s.c_str());
     dm_generate_params params{max_tokens, stop_c.data(), static_cast<int32_t>(stop_c.size()), stop_tokens.data(),
@@ -49,7 +51,7 @@ py::tuple generate(intptr_t ctx_ptr, intptr_t sampler_ptr, const std::vector<dm_
     {
         py::gil_scoped_release release;
         rc = dm_generator_run(gen.get(), prompt.data(), static_cast<int32_t>(prompt.size()),
-                              on_piece.is_none() ? nullptr : &forward_piece, &st);
+                              seg_ids ? seg_ids->data() : nullptr, on_piece.is_none() ? nullptr : &forward_piece, &st);
     }
     if (st.error) throw std::move(*st.error);
     check(rc == 0);
@@ -67,6 +69,7 @@ py::tuple generate(intptr_t ctx_ptr, intptr_t sampler_ptr, const std::vector<dm_
 void bind_generate(py::module_ & m) {
     m.def("generate", &generate, py::arg("ctx_ptr"), py::arg("sampler_ptr"), py::arg("prompt"), py::arg("max_tokens"),
           py::arg("stop"), py::arg("stop_tokens"), py::arg("on_piece") = py::none(),
+          py::arg("seg_ids") = py::none(),
           "Decodes prompt, then samples up to max_tokens tokens in C++. on_piece(bytes) -> bool|None is "
           "called with each final piece of text (return False to stop). Returns (tokens, text_bytes, finish).");
 }

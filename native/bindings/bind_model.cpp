@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -11,30 +12,42 @@
 
 namespace {
 
+// The weights are shared by the model handle and every context made from it: closing the model
+// only drops its share, so the weights go when the last context closes too.
+using model_owner = std::shared_ptr<dm_model>;
+
 struct ModelHandle {
-    dm_model * ptr = nullptr;
+    model_owner owner;
+    dm_model *  ptr = nullptr;   // owner.get() while open
+
+    explicit ModelHandle(dm_model * m) : owner(m, dm_model_free), ptr(m) {}
 
     void require_open() const {
         if (!ptr) throw py::value_error("the model is closed");
     }
     void close() {
-        dm_model_free(ptr);
+        owner.reset();
         ptr = nullptr;
     }
 };
 
 struct ContextHandle {
     dm_context * ptr = nullptr;
-    py::object   model_ref;   // keeps the Python model (and so the weights) alive while we exist
+    model_owner  model;
     int32_t      n_vocab = 0;
+
+    ContextHandle(dm_context * c, model_owner m, int32_t n) : ptr(c), model(std::move(m)), n_vocab(n) {}
+    ContextHandle(const ContextHandle &) = delete;
+    ContextHandle & operator=(const ContextHandle &) = delete;
+    ~ContextHandle() { close(); }
 
     void require_open() const {
         if (!ptr) throw py::value_error("the context is closed");
     }
     void close() {
-        dm_context_free(ptr);
+        dm_context_free(ptr);   // before the weights it points into
         ptr = nullptr;
-        model_ref = py::none();
+        model.reset();
     }
 };
 
@@ -48,7 +61,7 @@ ModelHandle * load_model(const std::string & path, bool use_mmap, const std::opt
         m = dm_model_load(path.c_str(), p);
     }
     check(m != nullptr);
-    return new ModelHandle{m};
+    return new ModelHandle(m);
 }
 
 py::list metadata_items(const ModelHandle & m) {
@@ -78,7 +91,7 @@ ContextHandle * new_context(py::object model_obj, int32_t n_ctx, int32_t n_batch
     p.dmem_fused = dmem_fused;
     dm_context * c = dm_context_new(m.ptr, p);
     check(c != nullptr);
-    return new ContextHandle{c, model_obj, dm_model_n_vocab(m.ptr)};
+    return new ContextHandle(c, m.owner, dm_model_n_vocab(m.ptr));
 }
 
 py::array_t<float> decode(ContextHandle & c, const std::vector<dm_token> & tokens, int which,

@@ -123,10 +123,11 @@ struct dm_generate_params {
 // The generator borrows ctx and sampler; free it before them.
 dm_generator * dm_generator_new (dm_context * ctx, dm_sampler * sampler, struct dm_generate_params params);
 void           dm_generator_free(dm_generator * gen);
-// Decodes prompt (n_prompt >= 1) and generates. emit may be NULL. Returns 0, or -1 on error.
-// The last sampled token is not decoded: the context holds prompt + all generated tokens but the last.
+// Decodes prompt (n_prompt >= 1; prompt_seg_ids: NULL or its δ-mem segment ids, see dm_decode_ext)
+// and generates; each generated token is its own δ-mem write. emit may be NULL. Returns 0, or -1 on
+// error. The last sampled token is not decoded: the context holds prompt + all generated tokens but the last.
 int32_t        dm_generator_run (dm_generator * gen, const dm_token * prompt, int32_t n_prompt,
-                                 dm_text_callback emit, void * user_data);
+                                 const int32_t * prompt_seg_ids, dm_text_callback emit, void * user_data);
 const dm_token *      dm_generator_tokens(const dm_generator * gen, int32_t * n_tokens);
 const char *          dm_generator_text  (const dm_generator * gen, size_t * len);
 enum dm_finish_reason dm_generator_finish(const dm_generator * gen);

@@ -22,10 +22,11 @@ dm_generator * dm_generator_new(dm_context * ctx, dm_sampler * sampler, dm_gener
 
 void dm_generator_free(dm_generator * gen) { delete gen; }
 
-int32_t dm_generator_run(dm_generator * gen, const dm_token * prompt, int32_t n_prompt, dm_text_callback emit,
+int32_t dm_generator_run(dm_generator * gen, const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids,
+                         dm_text_callback emit,
                          void * user_data) {
     return dm::guard<int32_t>(-1, [&] {
-        gen->run(prompt, n_prompt, emit, user_data);
+        gen->run(prompt, n_prompt, prompt_seg_ids, emit, user_data);
         return 0;
     });
 }

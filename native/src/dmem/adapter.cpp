@@ -2,6 +2,7 @@
 
 #include "common/error.h"
 #include "common/gguf_util.h"
+#include "common/tensor_check.h"
 #include "model/model.h"
 
 #include <ggml-cpu.h>
@@ -84,16 +85,7 @@ struct layer_reader {
             return nullptr;
         }
         claimed.insert(name);
-        int i = 0;
-        bool ok = true;
-        for (int64_t d : shape) ok = ok && t->ne[i++] == d;
-        for (; i < GGML_MAX_DIMS; ++i) ok = ok && t->ne[i] == 1;
-        if (!ok) {
-            std::string want, got;
-            for (int64_t d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
-            for (int j = 0; j < ggml_n_dims(t); ++j) got += (j ? ", " : "") + std::to_string(t->ne[j]);
-            fail("adapter tensor '%s' has shape [%s], the model needs [%s]", name.c_str(), got.c_str(), want.c_str());
-        }
+        dm::check_shape(t, name, shape, "adapter tensor");
         if (!matrix && t->type != GGML_TYPE_F32) fail("adapter tensor '%s' must be f32", name.c_str());
         if (matrix && t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16) {
             fail("adapter tensor '%s' has type %s (f32 or f16 expected)", name.c_str(), ggml_type_name(t->type));

@@ -72,7 +72,8 @@ bool dm_generator::emit_upto(size_t end, dm_text_callback emit, void * user_data
     return go_on;
 }
 
-void dm_generator::run(const dm_token * prompt, int32_t n_prompt, dm_text_callback emit, void * user_data) {
+void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids, dm_text_callback emit,
+                       void * user_data) {
     tokens.clear();
     text.clear();
     emitted = 0;
@@ -80,7 +81,7 @@ void dm_generator::run(const dm_token * prompt, int32_t n_prompt, dm_text_callba
     const int32_t n_vocab = dm_model_n_vocab(dm_context_model(ctx));
     std::vector<float> logits(static_cast<size_t>(n_vocab));
 
-    ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data());
+    ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data(), prompt_seg_ids);
     for (int32_t i = 0; i < max_tokens; ++i) {
         const dm_token t = dm_sampler_sample(sampler, logits.data(), n_vocab);
         if (t < 0) fail("sampling failed: %s", dm_last_error());

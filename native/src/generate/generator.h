@@ -21,7 +21,8 @@ struct dm_generator {
 
     // Decodes the prompt (at least one token) and generates; emit receives each piece of text
     // that can no longer turn into a stop string, always ending on a whole UTF-8 character.
-    void run(const dm_token * prompt, int32_t n_prompt, dm_text_callback emit, void * user_data);
+    void run(const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids, dm_text_callback emit,
+             void * user_data);
 
 private:
     size_t emitted = 0;   // bytes of text already given to the callback

@@ -2,6 +2,7 @@
 
 #include "common/error.h"
 #include "common/gguf_util.h"
+#include "common/tensor_check.h"
 
 #include <ggml-cpu.h>
 #include <gguf.h>
@@ -91,22 +92,9 @@ struct tensor_checker {
             if (required) fail("model file is missing tensor '%s'", name.c_str());
             return nullptr;
         }
-        check_shape(t, name, shape);
+        dm::check_shape(t, name, shape, "tensor");
         check_type(t, name, matrix);
         return t;
-    }
-
-    static void check_shape(const ggml_tensor * t, const std::string & name, std::initializer_list<int64_t> shape) {
-        int i = 0;
-        bool ok = true;
-        for (int64_t d : shape) ok = ok && t->ne[i++] == d;
-        for (; i < GGML_MAX_DIMS; ++i) ok = ok && t->ne[i] == 1;
-        if (!ok) {
-            std::string want, got;
-            for (int64_t d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
-            for (int j = 0; j < ggml_n_dims(t); ++j) got += (j ? ", " : "") + std::to_string(t->ne[j]);
-            fail("tensor '%s' has shape [%s], expected [%s]", name.c_str(), got.c_str(), want.c_str());
-        }
     }
 
     static void check_type(const ggml_tensor * t, const std::string & name, bool matrix) {

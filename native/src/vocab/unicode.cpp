@@ -113,21 +113,34 @@ void decompose_into(uint32_t cp, std::vector<uint32_t> & out) {
     }
 }
 
-// Canonical ordering: a stable sort by combining class within each run of non-starters.
+// Canonical ordering: a stable sort by combining class within each run of non-starters. Runs are
+// sorted as a whole (not by bubbling marks one at a time), so a long run of marks stays O(n log n).
 void reorder_marks(std::vector<uint32_t> & cps) {
-    for (size_t i = 1; i < cps.size(); ++i) {
-        const uint8_t ccc = combining_class(cps[i]);
-        if (ccc == 0) {
+    struct mark {
+        uint8_t  ccc;
+        uint32_t cp;
+    };
+    std::vector<mark> run;
+    size_t i = 0;
+    while (i < cps.size()) {
+        if (combining_class(cps[i]) == 0) {
+            ++i;
             continue;
         }
-        size_t j = i;
-        while (j > 0) {
-            const uint8_t prev = combining_class(cps[j - 1]);
-            if (prev == 0 || prev <= ccc) {
+        const size_t begin = i;
+        run.clear();
+        for (; i < cps.size(); ++i) {
+            const uint8_t ccc = combining_class(cps[i]);
+            if (ccc == 0) {
                 break;
             }
-            std::swap(cps[j - 1], cps[j]);
-            --j;
+            run.push_back({ccc, cps[i]});
+        }
+        if (run.size() > 1) {
+            std::stable_sort(run.begin(), run.end(), [](const mark & a, const mark & b) { return a.ccc < b.ccc; });
+            for (size_t k = 0; k < run.size(); ++k) {
+                cps[begin + k] = run[k].cp;
+            }
         }
     }
 }
