@@ -63,3 +63,19 @@ def tiny_reference(tiny_checkpoint):
         return loaded[name]
 
     return get
+
+
+@pytest.fixture
+def decoded_prompt_lengths(monkeypatch):
+    """Records how many prompt tokens each call of the C++ generation loop had to decode."""
+    from pydeltamem import _core
+
+    lengths: list[int] = []
+    real_generate = _core.generate
+
+    def spy(ctx_ptr, sampler_ptr, prompt, *rest, **kwargs):
+        lengths.append(len(prompt))
+        return real_generate(ctx_ptr, sampler_ptr, prompt, *rest, **kwargs)
+
+    monkeypatch.setattr(_core, "generate", spy)
+    return lengths

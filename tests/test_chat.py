@@ -7,7 +7,6 @@ import warnings
 import pytest
 
 import pydeltamem
-from pydeltamem import _core
 from pydeltamem.chat_template import CHATML_TEMPLATE, ChatTemplateError, model_chat_template, render_chat
 from pydeltamem.completion import chat_prompt
 from pydeltamem.defaults import default_model_path
@@ -114,15 +113,8 @@ def test_seeded_chat_is_reproducible(model):
     assert model.create_chat_completion(QUESTION, **kw)["choices"][0]["message"]["content"] == first
 
 
-def test_a_growing_conversation_decodes_only_its_new_tokens(model, monkeypatch):
-    decoded = []
-    real_generate = _core.generate
-
-    def spy(ctx_ptr, sampler_ptr, prompt, *rest):
-        decoded.append(len(prompt))
-        return real_generate(ctx_ptr, sampler_ptr, prompt, *rest)
-
-    monkeypatch.setattr(_core, "generate", spy)
+def test_a_growing_conversation_decodes_only_its_new_tokens(model, decoded_prompt_lengths):
+    decoded = decoded_prompt_lengths
     conversation = [{"role": "user", "content": "Name a colour."}]
     first = model.create_chat_completion(conversation, max_tokens=12, temperature=0)
     n_first = first["usage"]["total_tokens"]

@@ -157,15 +157,8 @@ def test_abandoned_stream_stops_and_frees_the_model(model):
     assert complete(model, max_tokens=6)["choices"][0]["text"].startswith(" Paris")
 
 
-def test_repeating_a_prompt_decodes_only_its_last_token(model, monkeypatch):
-    decoded = []
-    real_generate = _core.generate
-
-    def spy(ctx_ptr, sampler_ptr, prompt, *rest):
-        decoded.append(len(prompt))
-        return real_generate(ctx_ptr, sampler_ptr, prompt, *rest)
-
-    monkeypatch.setattr(_core, "generate", spy)
+def test_repeating_a_prompt_decodes_only_its_last_token(model, decoded_prompt_lengths):
+    decoded = decoded_prompt_lengths
     first = complete(model, "Once upon a time, in a land far away,", max_tokens=8)
     again = complete(model, "Once upon a time, in a land far away,", max_tokens=8)
     assert again["choices"] == first["choices"]

@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
     bind_vocab(m);
     bind_sampling(m);
     bind_generate(m);
+    bind_quantize(m);
 }

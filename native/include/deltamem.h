@@ -224,6 +224,28 @@ dm_token dm_sampler_sample(dm_sampler * s, const float * logits, int32_t n_vocab
 // Neither accepts a token nor touches the RNG. Returns 0, or -1 on the errors of _sample.
 int32_t dm_sampler_probs(dm_sampler * s, const float * logits, int32_t n_vocab, float * probs_out);
 
+// ---- quantization (native/src/quantize) ---------------------------------------------------------
+// Thin wrappers over ggml's quantizers and type traits, so that callers (the Python `deltamem
+// quantize` command, other languages) need not link ggml themselves. `type` is a ggml_type number
+// (GGUF's tensor type ids). Which tensor gets which type is the caller's business.
+
+bool         dm_quant_type_known(int32_t type);        // a ggml type this build knows
+bool         dm_quant_type_is_target(int32_t type);    // dm_quantize_rows can produce it (no imatrix needed)
+const char * dm_quant_type_name(int32_t type);         // ggml's name ("q4_K"), NULL when unknown
+int64_t      dm_quant_block_size(int32_t type);        // values per block, -1 when unknown
+// Bytes of one row of n_per_row values; -1 when the type is unknown or n_per_row is not a
+// multiple of its block size.
+int64_t      dm_quant_row_size(int32_t type, int64_t n_per_row);
+bool         dm_quant_requires_imatrix(int32_t type);  // ggml refuses to quantize it without one
+
+// Quantizes n_rows rows of n_per_row float32 values (row-major, src) to `type` into dst
+// (dst_size bytes, at least n_rows * dm_quant_row_size), spreading the rows over n_threads
+// threads (< 1: one). Every value must be finite. Returns the bytes written, or -1 with
+// dm_last_error() on bad arguments (unknown or non-target type, a row length that does not
+// fit the block size, a short buffer, a non-finite value).
+int64_t dm_quantize_rows(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row, void * dst,
+                         size_t dst_size, int32_t n_threads);
+
 #ifdef __cplusplus
 }
 #endif

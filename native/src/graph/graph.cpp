@@ -120,12 +120,24 @@ struct forward_builder {
         ggml_set_input(in.mask);
     }
 
+    // The last token's column of x: [n_embd, n_tokens] -> [n_embd, 1].
+    ggml_tensor * last_column(ggml_tensor * x) const {
+        return ggml_view_2d(ctx, x, x->ne[0], 1, x->nb[1], x->nb[1] * (x->ne[1] - 1));
+    }
+
     dm_graph build() {
         make_inputs();
         if (dmem) dmem->make_inputs();
+        // When only the last token's logits are wanted, the last layer's residual and FFN run on
+        // that token alone (attention still writes every token's K/V into the cache).
+        const bool last_only = shape.n_outputs == 1 && shape.n_tokens > 1;
         ggml_tensor * h = ggml_get_rows(ctx, model.tok_embd, in.tokens);   // [n_embd, n_tokens]
         for (int il = 0; il < hp.n_layer; ++il) {
             ggml_tensor * attn_out = attention(il, rms_norm(h, model.layers[il].attn_norm));
+            if (last_only && il == hp.n_layer - 1) {
+                attn_out = last_column(attn_out);
+                h = last_column(h);
+            }
             h = ggml_add(ctx, h, attn_out);
             h = ggml_add(ctx, h, feed_forward(il, rms_norm(h, model.layers[il].ffn_norm)));
         }
@@ -134,9 +146,6 @@ struct forward_builder {
         g.gf = gf;
         g.in = in;
         if (shape.n_outputs > 0) {
-            if (shape.n_outputs == 1 && shape.n_tokens > 1) {
-                h = ggml_view_2d(ctx, h, hp.n_embd, 1, h->nb[1], h->nb[1] * (shape.n_tokens - 1));
-            }
             g.logits = ggml_mul_mat(ctx, model.output, rms_norm(h, model.output_norm));   // [n_vocab, n_outputs]
             ggml_set_name(g.logits, "logits");
             ggml_set_output(g.logits);

