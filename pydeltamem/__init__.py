@@ -1,5 +1,18 @@
 """pydeltamem: local LLM inference on ggml with δ-mem online associative memory."""
+import os as _os
+
+from . import _core
 from .model import Context, Model
 
-__all__ = ["Model", "Context"]
+__all__ = ["Model", "Context", "get_include", "get_lib_dir"]
 __version__ = "0.1.0"
+
+
+def get_lib_dir() -> str:
+    """Folder of libdeltamem.so, the engine behind the C API."""
+    return _os.path.dirname(_core.__file__)
+
+
+def get_include() -> str:
+    """Folder of deltamem.h, the C API (for C programs that link libdeltamem)."""
+    return _os.path.join(get_lib_dir(), "include")

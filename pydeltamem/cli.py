@@ -6,7 +6,7 @@ import sys
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import bench, cli_text
+    from . import bench, cli_text, quality, quantize
     from .convert import adapter, hf_to_gguf
 
     parser = argparse.ArgumentParser(prog="deltamem", description="pydeltamem: local LLM inference with δ-mem")
@@ -14,6 +14,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_text.register_cli(sub)
     hf_to_gguf.register_cli(sub)
     adapter.register_cli(sub)
+    quantize.register_cli(sub)
+    quality.register_cli(sub)
     bench.register_cli(sub)
     return parser
 
