@@ -29,6 +29,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .. import quantize as _quantize
 from ._hf_tokenizer import read_tokenizer
 from ._safetensors import SafetensorsCheckpoint
 
@@ -49,6 +50,12 @@ OUTTYPES = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+# `deltamem quantize`'s types (llama.cpp's mixes), lower-cased: the converter quantizes with the same
+# rules and ggml's quantizers (pydeltamem/quantize.py, docs/quantization.md).
+MIX_OUTTYPES = {name.lower(): mix for name, mix in _quantize.MIXES.items() if name.lower() not in OUTTYPES}
+# Types gguf-py encodes itself; every other type goes through ggml (pydeltamem._core).
+_GGUF_PY_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                  gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.Q8_0}
 
 _LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -260,21 +267,29 @@ def plan_tensors(checkpoint: SafetensorsCheckpoint, hp: HParams, outtype: str,
         raise ValueError(f"checkpoint is missing tensors (GGUF names): {', '.join(missing[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
+    facts = _quantize.ModelFacts(n_layer=hp.n_layer, n_gqa=hp.n_head // hp.n_head_kv,
+                                 has_output="output.weight" in expected)
     plans = []
     for name, shape in expected.items():  # canonical order: embeddings, blocks, output
         hf_name = found[name]
         actual = checkpoint.shape(hf_name)
         if actual != shape:
             raise ValueError(f"tensor {hf_name!r} has shape {list(actual)}, config.json implies {list(shape)}")
-        plans.append(TensorPlan(name, hf_name, shape, _storage_type(name, shape, outtype, notes),
+        plans.append(TensorPlan(name, hf_name, shape, _storage_type(name, shape, outtype, notes, facts),
                                 _permute_heads(name, hp)))
     return plans
 
 
-def _storage_type(name: str, shape: tuple[int, ...], outtype: str, notes: list[str]) -> gguf.GGMLQuantizationType:
-    """Norms, biases and every 1-D tensor stay f32; matrices take the requested type."""
+def _storage_type(name: str, shape: tuple[int, ...], outtype: str, notes: list[str],
+                  facts: _quantize.ModelFacts | None = None) -> gguf.GGMLQuantizationType:
+    """Norms, biases and every 1-D tensor stay f32; matrices take the requested type (or the mix's)."""
     if len(shape) == 1:
         return gguf.GGMLQuantizationType.F32
+    if outtype in MIX_OUTTYPES:
+        qtype, note = _quantize.plan_type(MIX_OUTTYPES[outtype], name, shape[-1], facts)
+        if note:
+            notes.append(f"{name}: {note}")
+        return qtype
     qtype = OUTTYPES[outtype][0]
     block_size = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block_size != 0:
@@ -309,6 +324,8 @@ def encode_tensor(data: np.ndarray, plan: TensorPlan) -> np.ndarray:
     data = np.asarray(data, dtype=np.float32)
     if plan.permute_heads:
         data = permute_qk_rows(data, plan.permute_heads)
+    if plan.qtype not in _GGUF_PY_TYPES:
+        return _quantize.quantize_array(data, plan.qtype, os.cpu_count() or 1)
     return gguf.quants.quantize(np.ascontiguousarray(data), plan.qtype)
 
 
@@ -335,8 +352,8 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
                        name: str | None = None, progress: bool = True, overwrite: bool = True) -> list[str]:
     """Convert the checkpoint folder `hf_dir` to the GGUF file `out_path`; returns notes (e.g. f16 fallbacks)."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    if outtype not in OUTTYPES:
-        raise ValueError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if outtype not in OUTTYPES and outtype not in MIX_OUTTYPES:
+        raise ValueError(f"unknown outtype {outtype!r}; choose one of {', '.join([*OUTTYPES, *MIX_OUTTYPES])}")
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (expected a Hugging Face checkpoint folder)")
     if out_path.exists() and not overwrite:
@@ -351,8 +368,9 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
 
     writer = gguf.GGUFWriter(None, hp.arch)
     writer.add_type(gguf.GGUFType.MODEL)
-    write_hparams(writer, hp, name or hf_dir.resolve().name, OUTTYPES[outtype][1])
-    if outtype == "q8_0":
+    file_type = OUTTYPES[outtype][1] if outtype in OUTTYPES else MIX_OUTTYPES[outtype].file_type
+    write_hparams(writer, hp, name or hf_dir.resolve().name, file_type)
+    if outtype == "q8_0" or outtype in MIX_OUTTYPES:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer.write(writer)
     for plan in plans:
@@ -396,8 +414,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                     f"Supported architectures: {', '.join(HF_ARCH_TO_GGUF)}.")
     parser.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint folder")
     parser.add_argument("-o", "--outfile", required=True, metavar="OUT.gguf", help="output GGUF file")
-    parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16",
-                        help="type of the weight matrices (norms and 1-D tensors stay f32); default f16")
+    parser.add_argument("--outtype", choices=[*OUTTYPES, *MIX_OUTTYPES], default="f16",
+                        help="type of the weight matrices (norms and 1-D tensors stay f32); default f16. "
+                             "The k-quant names are llama.cpp's mixes, as in `deltamem quantize`")
     parser.add_argument("--name", default=None, help="general.name (default: the folder's name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_cli)

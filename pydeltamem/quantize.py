@@ -396,12 +396,25 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_cli)
 
 
+def summarize_notes(jobs: list[TensorJob], max_names: int = 3) -> list[str]:
+    """One line per distinct fallback (same note text), naming a few of the tensors it hit."""
+    by_note: dict[str, list[str]] = {}
+    for job in jobs:
+        if job.note:
+            by_note.setdefault(job.note, []).append(job.name)
+    lines = []
+    for note, names in by_note.items():
+        shown = ", ".join(names[:max_names]) + (f" and {len(names) - max_names} more" if len(names) > max_names else "")
+        lines.append(f"{note} ({len(names)} tensor{'s' if len(names) > 1 else ''}: {shown})")
+    return lines
+
+
 def _run_cli(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be at least 1")
     result = quantize_gguf(args.input, args.output, args.type, n_threads=args.threads, force=args.force,
                            progress=not args.no_progress)
-    for note in result.notes:
+    for note in summarize_notes(result.jobs):
         print(f"note: {note}", file=sys.stderr)
     mib = 1024 * 1024
     print(f"wrote {args.output}: {result.bytes_in / mib:.2f} MiB -> {result.bytes_out / mib:.2f} MiB "

@@ -79,3 +79,11 @@ def decoded_prompt_lengths(monkeypatch):
 
     monkeypatch.setattr(_core, "generate", spy)
     return lengths
+
+
+@pytest.fixture(autouse=True)
+def _run_outside_the_source_tree(monkeypatch, tmp_path_factory):
+    """Tests (and the subprocesses they start) run from a scratch folder: from the repository root,
+    `python -m pydeltamem...` would import the source folder, which has no compiled extension,
+    instead of the installed package under test."""
+    monkeypatch.chdir(tmp_path_factory.getbasetemp())

