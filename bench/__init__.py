@@ -9,19 +9,20 @@
   mid-size random-weight Qwen3 model (~0.5B parameters, q8_0 and q4_0), cached under
   ~/.cache/pydeltamem-bench.
 
-Run from a source checkout (`deltamem bench` finds this folder next to the package), or as
-`python -m pydeltamem.bench`.
+Installed as `pydeltamem.bench` (pyproject maps this folder there); run it as `deltamem bench`.
 """
 
 
 def register_cli(subparsers):
-    """`deltamem bench` — the same as pydeltamem/bench.py's. In an editable install the repository
-    root is on pydeltamem.__path__ (the `pydeltamem/convert` = `convert` mapping puts it there), so
-    this folder can shadow pydeltamem/bench.py as `pydeltamem.bench` until the package is
-    reinstalled; it then registers the command itself."""
-    from . import bench as _harness
+    from . import bench
 
-    parser = subparsers.add_parser("bench", help="benchmark pp/tg speed with and without δ-mem, against llama.cpp")
-    _harness.add_arguments(parser)
-    parser.set_defaults(func=_harness.run_cli)
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark pp/tg speed with and without δ-mem, against llama.cpp",
+        description="llama-bench-style benchmark: pp (prompt tokens/s, one decode) and tg (generated tokens/s, "
+                    "one token per decode); each run in a fresh process, contenders alternated run by run; "
+                    "median of runs and medians of per-run ratios.",
+    )
+    bench.add_arguments(parser)
+    parser.set_defaults(func=bench.run_cli)
     return parser

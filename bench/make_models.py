@@ -248,22 +248,23 @@ def write_random_qwen3(folder: str | os.PathLike, cfg: dict = QWEN3_05B, seed: i
 def requantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "q4_0") -> Path:
     """Re-quantise every 2-D weight of a model GGUF to `qtype` (norms stay as they are).
 
-    Uses `pydeltamem.quantize` when that module provides a `quantize(src, dst, type)` function,
-    else gguf-py's numpy quantiser (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)."""
+    Uses `pydeltamem.quantize.quantize_gguf` (llama.cpp's mix for the type) when present and willing,
+    else gguf-py's numpy quantiser on every 2-D weight (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)."""
     import gguf
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
     from gguf import quants
 
     src, dst = Path(src), Path(dst)
-    try:  # another engineer's `deltamem quantize`, when it exists
-        from pydeltamem import quantize as pq  # type: ignore
-
-        fn = getattr(pq, "quantize", None) or getattr(pq, "quantize_gguf", None)
-        if fn is not None:
-            fn(str(src), str(dst), qtype)
-            return dst
+    try:  # `deltamem quantize` (llama.cpp's type mixes), when this version has it
+        from pydeltamem.quantize import quantize_gguf  # type: ignore
     except ImportError:
-        pass
+        quantize_gguf = None
+    if quantize_gguf is not None:
+        try:
+            quantize_gguf(src, dst, qtype.upper(), force=True, progress=False)
+            return dst
+        except (ValueError, TypeError):   # e.g. it refuses an already-quantised input
+            pass
     target = gguf.GGMLQuantizationType[qtype.upper()]
     ftype = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
              "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,

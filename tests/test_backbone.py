@@ -7,7 +7,6 @@ made by llama.cpp) is checked against transformers' dequantized float reference.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -5,10 +5,7 @@ table and the JSON report — never how fast anything is.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,13 +20,9 @@ TINY = {
 
 
 def _load_bench():
-    if "_test_bench_pkg" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_test_bench_pkg", REPO / "bench" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "bench")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["_test_bench_pkg"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("_test_bench_pkg.bench"), importlib.import_module("_test_bench_pkg.make_models")
+    from pydeltamem.bench import bench, make_models   # the installed harness (the repo's bench/ folder)
+
+    return bench, make_models
 
 
 @pytest.fixture(scope="module")

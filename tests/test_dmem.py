@@ -10,7 +10,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 import pydeltamem
 from dmem_fixtures import VARIANTS, make_adapter, run_session, session_calls, write_adapter

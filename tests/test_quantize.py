@@ -68,20 +68,21 @@ EXPECTED = {
     "Q6_K": (Q6, Q6, [Q6] * 8, [Q6] * 8, Q6),
 }
 
-# Relative RMS error of dequantized weights, per stored type, on N(0, σ) weights; measured values
-# (in the comments) with ~30% headroom. They rank as the bits per weight do.
+# Relative RMS error of dequantized weights, per stored type, on N(0, σ) weights; the values measured
+# on a 768×256 N(0, 0.2) matrix are in the comments, the bounds leave ~30% headroom.
+# They rank as the bits per weight do.
 MAX_REL_RMS = {
-    T.Q8_0: 0.006,   # ~0.0045
-    T.Q6_K: 0.025,   # ~0.018
-    T.Q5_1: 0.05,    # ~0.037
-    T.Q5_0: 0.05,    # ~0.038
-    T.Q5_K: 0.045,   # ~0.033
-    T.Q4_1: 0.10,    # ~0.075
-    T.Q4_0: 0.10,    # ~0.077
-    T.Q4_K: 0.09,    # ~0.068
-    T.Q3_K: 0.20,    # ~0.15
-    T.Q2_K: 0.40,    # ~0.30
-    T.IQ4_NL: 0.10,
+    T.Q8_0: 0.008,   # 0.0054
+    T.Q6_K: 0.025,   # 0.018
+    T.Q5_1: 0.05,    # 0.038
+    T.Q5_0: 0.056,   # 0.043
+    T.Q5_K: 0.047,   # 0.036
+    T.Q4_1: 0.10,    # 0.078
+    T.Q4_0: 0.11,    # 0.086
+    T.Q4_K: 0.093,   # 0.072
+    T.Q3_K: 0.20,    # 0.151
+    T.Q2_K: 0.39,    # 0.297
+    T.IQ4_NL: 0.10,  # 0.076
     T.F16: 0.001,
 }
 
@@ -202,7 +203,7 @@ def test_kl_ordering_across_types(quantized, models):
     kl = {}
     top1 = {}
     for type_name in ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K"):
-        report = quality.evaluate(str(base), str(quantized("wide", type_name)[0]), text, n_tokens=384, ctx=128)
+        report = quality.evaluate(str(base), str(quantized("wide", type_name)[0]), text, n_tokens=192, ctx=96)
         kl[type_name], top1[type_name] = report.kl_mean, report.top1_agreement
     assert kl["Q8_0"] < kl["Q6_K"] < kl["Q4_K_M"] < kl["Q2_K"], kl
     assert top1["Q8_0"] >= top1["Q4_K_M"] >= top1["Q2_K"], top1

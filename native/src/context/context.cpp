@@ -51,7 +51,7 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
     galloc = ggml_gallocr_new(buft);
 
     // Reserve compute memory for the largest pass up front, so passes never reallocate.
-    const dm_graph_shape worst{params.n_batch, params.n_ctx - params.n_batch, 1};   // all-logits passes grow it on demand
+    const dm_graph_shape worst{params.n_batch, params.n_ctx, 1};   // all-logits passes grow it on demand
     const size_t max_nodes = dm_graph_max_nodes(m, worst.n_tokens, !params.dmem_fused);
     ggml_context * ctx = new_graph_context(max_nodes);
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, max_nodes, false);
@@ -65,6 +65,7 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
 }
 
 dm_context::~dm_context() {
+    drop_cached_graph();
     if (galloc) ggml_gallocr_free(galloc);
     if (backend) ggml_backend_free(backend);
     if (threadpool) ggml_threadpool_free(threadpool);
@@ -93,41 +94,68 @@ void dm_context::validate(const dm_token * toks, int32_t n_tokens) const {
 }
 
 void dm_context::set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape) {
-    const int32_t n_kv = shape.n_kv();
+    const int32_t n_kv = shape.n_kv;
+    const int32_t n_past = this->n_past();
     pos_buf.resize(shape.n_tokens);
-    for (int32_t i = 0; i < shape.n_tokens; ++i) pos_buf[i] = shape.n_past + i;
+    idx_buf.resize(shape.n_tokens);
+    for (int32_t i = 0; i < shape.n_tokens; ++i) {
+        pos_buf[i] = n_past + i;
+        idx_buf[i] = n_past + i;
+    }
 
-    // Causal mask: token i (at position n_past + i) sees cache cells 0 ..= n_past + i.
+    // Causal mask: token i (at position n_past + i) sees cache cells 0 ..= n_past + i; the padding
+    // cells after them hold nothing yet (or stale rows) and are masked too.
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
     const ggml_fp16_t minus_inf = ggml_fp32_to_fp16(-INFINITY);
     mask_buf.resize(static_cast<size_t>(n_kv) * shape.n_tokens);
     for (int32_t i = 0; i < shape.n_tokens; ++i) {
         ggml_fp16_t * row = mask_buf.data() + static_cast<size_t>(i) * n_kv;
-        const int32_t visible = shape.n_past + i + 1;
+        const int32_t visible = n_past + i + 1;
         std::fill(row, row + visible, zero);
         std::fill(row + visible, row + n_kv, minus_inf);
     }
     ggml_backend_tensor_set(g.in.tokens, toks, 0, ggml_nbytes(g.in.tokens));
     ggml_backend_tensor_set(g.in.pos, pos_buf.data(), 0, ggml_nbytes(g.in.pos));
     ggml_backend_tensor_set(g.in.mask, mask_buf.data(), 0, ggml_nbytes(g.in.mask));
+    ggml_backend_tensor_set(g.in.kv_idx, idx_buf.data(), 0, ggml_nbytes(g.in.kv_idx));
+}
+
+void dm_context::drop_cached_graph() {
+    cached.dmem.reset();
+    if (cached.ctx) ggml_free(cached.ctx);
+    cached.ctx = nullptr;
+}
+
+const dm_context::cached_graph & dm_context::graph_for(const dm_graph_shape & shape, const dm_dmem_plan & plan) {
+    if (cached.matches(shape, plan)) return cached;
+    drop_cached_graph();
+    const size_t max_nodes = dm_graph_max_nodes(*model, shape.n_tokens, !params.dmem_fused);
+    cached.ctx = new_graph_context(max_nodes);
+    cached.shape = shape;
+    cached.plan = plan;
+    ggml_cgraph * gf = ggml_new_graph_custom(cached.ctx, max_nodes, false);
+    const dm_adapter * adapter = model->adapter.get();
+    if (adapter) {
+        cached.dmem.emplace(dm_dmem_builder{cached.ctx, gf, *adapter, memory, cached.plan, shape.n_tokens,
+                                            params.dmem_fused, {}});
+    }
+    cached.graph = dm_build_forward(cached.ctx, gf, *model, kv, shape, cached.dmem ? &*cached.dmem : nullptr);
+    if (!ggml_gallocr_alloc_graph(galloc, gf)) {
+        drop_cached_graph();
+        fail("cannot allocate the compute graph");
+    }
+    return cached;
 }
 
 void dm_context::run_pass(const dm_token * toks, const int32_t * seg_ids, int32_t n_tokens, int32_t n_outputs,
                           float * logits_out, bool write) {
-    const dm_graph_shape shape{n_tokens, n_past(), n_outputs};
-    const size_t max_nodes = dm_graph_max_nodes(*model, n_tokens, !params.dmem_fused);
-    ggml_context * ctx = new_graph_context(max_nodes);
-    struct ctx_free { ggml_context * c; ~ctx_free() { ggml_free(c); } } guard{ctx};
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, max_nodes, false);
-
+    const dm_graph_shape shape{n_tokens, dm_padded_n_kv(n_past() + n_tokens, params.n_ctx), n_outputs};
     const dm_adapter * adapter = model->adapter.get();
     const dm_dmem_plan plan = adapter ? dm_dmem_plan::make(adapter->cfg, seg_ids, n_tokens, write) : dm_dmem_plan{};
-    std::optional<dm_dmem_builder> dmem;
-    if (adapter) dmem.emplace(dm_dmem_builder{ctx, gf, *adapter, memory, plan, n_tokens, params.dmem_fused, {}});
-    dm_graph g = dm_build_forward(ctx, gf, *model, kv, shape, dmem ? &*dmem : nullptr);
-    if (!ggml_gallocr_alloc_graph(galloc, g.gf)) fail("cannot allocate the compute graph");
+    const cached_graph & c = graph_for(shape, plan);
+    const dm_graph & g = c.graph;
     set_inputs(g, toks, shape);
-    if (dmem) dmem->set_inputs();
+    if (c.dmem) c.dmem->set_inputs(plan);
     if (ggml_backend_graph_compute(backend, g.gf) != GGML_STATUS_SUCCESS) fail("graph computation failed");
     if (g.logits && logits_out) ggml_backend_tensor_get(g.logits, logits_out, 0, ggml_nbytes(g.logits));
     tokens.insert(tokens.end(), toks, toks + n_tokens);

@@ -14,6 +14,7 @@
 #include <ggml-cpu.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 struct dm_context {
@@ -28,6 +29,20 @@ struct dm_context {
     std::vector<dm_token>    tokens;       // the sequence so far; tokens.size() == n_past
     std::vector<ggml_fp16_t> mask_buf;
     std::vector<int32_t>     pos_buf;
+    std::vector<int64_t>     idx_buf;
+
+    // The last pass's graph, kept allocated: a pass of the same shape (every decode step until the
+    // attended cache grows past its padding) only refreshes the inputs and computes again.
+    struct cached_graph {
+        ggml_context *                 ctx = nullptr;   // lives in graph_meta
+        dm_graph                       graph;
+        dm_graph_shape                 shape;
+        dm_dmem_plan                   plan;            // its shape only: ids change per pass
+        std::optional<dm_dmem_builder> dmem;
+        bool matches(const dm_graph_shape & s, const dm_dmem_plan & p) const {
+            return ctx && shape == s && plan.same_shape(p);
+        }
+    } cached;
 
     dm_context(dm_model & model, const dm_context_params & params);
     dm_context(const dm_context &) = delete;
@@ -55,6 +70,9 @@ private:
                   float * logits_out, bool write);
     int32_t chunk_size(int32_t n_tokens, const int32_t * seg_ids, bool write) const;
     void set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape);
+    // The graph for this pass: the cached one when the shape matches, else a new one, allocated.
+    const cached_graph & graph_for(const dm_graph_shape & shape, const dm_dmem_plan & plan);
+    void drop_cached_graph();
     ggml_context * new_graph_context(size_t max_nodes);
 };
 

@@ -5,6 +5,7 @@
 #include "common/tensor_check.h"
 #include "model/model.h"
 
+#include <ggml-alloc.h>
 #include <ggml-cpu.h>
 #include <gguf.h>
 
@@ -134,7 +135,84 @@ std::vector<int32_t> target_layers(const gguf_context * g, int32_t n_layer) {
     return out;
 }
 
+// Appends the rows of a [n_in, rows] matrix (f32 or f16) to dst as f32.
+float * copy_rows_f32(const ggml_tensor * t, float * dst) {
+    const int64_t n = ggml_nelements(t);
+    if (t->type == GGML_TYPE_F32) {
+        ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+    } else {
+        std::vector<ggml_fp16_t> tmp(static_cast<size_t>(n));
+        ggml_backend_tensor_get(t, tmp.data(), 0, ggml_nbytes(t));
+        ggml_fp16_to_fp32_row(tmp.data(), dst, n);
+    }
+    return dst + n;
+}
+
+// A [D, out] correction matrix as a new [out, D] f32 tensor (created only; filled by fill_transposed).
+ggml_tensor * new_transposed(ggml_context * ctx, const ggml_tensor * t, const char * name, int32_t il) {
+    if (!t) return nullptr;
+    ggml_tensor * tt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, t->ne[1], t->ne[0]);
+    ggml_format_name(tt, "blk.%d.%s", il, name);
+    return tt;
+}
+
+void fill_transposed(const ggml_tensor * src, ggml_tensor * dst) {
+    if (!src) return;
+    const int64_t D = src->ne[0], out = src->ne[1];
+    std::vector<float> a(static_cast<size_t>(D * out)), b(a.size());
+    copy_rows_f32(src, a.data());
+    for (int64_t o = 0; o < out; ++o) {
+        for (int64_t d = 0; d < D; ++d) b[d * out + o] = a[o * D + d];
+    }
+    ggml_backend_tensor_set(dst, b.data(), 0, ggml_nbytes(dst));
+}
+
+// Lays the weights out for speed: each layer's input projections stacked into one matrix (and the
+// gate biases into one vector), so a token costs one mat-mul instead of four or five, and the
+// correction matrices transposed for outer-product sums. Small mat-muls are all overhead.
+void pack_weights(dm_adapter & a, int64_t n_embd) {
+    const dm_dmem_config & c = a.cfg;
+    const int64_t n_gates = c.uses_lambda_weights() ? 2 * c.gate_width : c.gate_width;
+    const int64_t rows = 3 * c.width() + n_gates;
+    ggml_init_params params = {ggml_tensor_overhead() * (6 * a.layers.size() + 1), nullptr, /*no_alloc =*/ true};
+    a.packed_ctx = ggml_init(params);
+    if (!a.packed_ctx) fail("cannot create the δ-mem weight context");
+    for (dm_dmem_layer & l : a.layers) {
+        l.w_in = ggml_new_tensor_2d(a.packed_ctx, GGML_TYPE_F32, n_embd, rows);
+        l.b_in = ggml_new_tensor_1d(a.packed_ctx, GGML_TYPE_F32, n_gates);
+        ggml_format_name(l.w_in, "blk.%d.dmem_in", l.il);
+        ggml_format_name(l.b_in, "blk.%d.dmem_in_bias", l.il);
+        l.dq_t = new_transposed(a.packed_ctx, l.dq, "dmem_dq_t", l.il);
+        l.dk_t = new_transposed(a.packed_ctx, l.dk, "dmem_dk_t", l.il);
+        l.dv_t = new_transposed(a.packed_ctx, l.dv, "dmem_dv_t", l.il);
+        l.do_t = new_transposed(a.packed_ctx, l.d_o, "dmem_do_t", l.il);
+    }
+    a.packed_buf = ggml_backend_alloc_ctx_tensors_from_buft(a.packed_ctx, ggml_backend_cpu_buffer_type());
+    if (!a.packed_buf) fail("cannot allocate the δ-mem weights");
+    ggml_backend_buffer_set_usage(a.packed_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    std::vector<float> w(static_cast<size_t>(n_embd * rows)), b(static_cast<size_t>(n_gates));
+    for (dm_dmem_layer & l : a.layers) {
+        float * dst = w.data();
+        for (const ggml_tensor * t : {l.mq, l.mk, l.mv, l.beta_w, l.lambda_w}) {
+            if (t) dst = copy_rows_f32(t, dst);
+        }
+        float * bias = copy_rows_f32(l.beta_b, b.data());
+        if (l.lambda_b) copy_rows_f32(l.lambda_b, bias);
+        ggml_backend_tensor_set(l.w_in, w.data(), 0, ggml_nbytes(l.w_in));
+        ggml_backend_tensor_set(l.b_in, b.data(), 0, ggml_nbytes(l.b_in));
+        fill_transposed(l.dq, l.dq_t);
+        fill_transposed(l.dk, l.dk_t);
+        fill_transposed(l.dv, l.dv_t);
+        fill_transposed(l.d_o, l.do_t);
+    }
+}
+
 } // namespace
+
+dm_adapter::~dm_adapter() {
+    if (packed_buf) ggml_backend_buffer_free(packed_buf);
+    if (packed_ctx) ggml_free(packed_ctx);
+}
 
 bool dm_has_packed_adapter(const gguf_context * gguf) { return gguf_find_key(gguf, "deltamem.rank") >= 0; }
 
@@ -176,5 +254,6 @@ std::unique_ptr<dm_adapter> dm_adapter_load(const dm_model & model, const std::s
         }
     }
     if (a->file) a->file->load_data(use_mmap);
+    pack_weights(*a, model.hp.n_embd);
     return a;
 }

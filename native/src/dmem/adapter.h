@@ -3,6 +3,7 @@
 
 #include "model/weights_file.h"
 
+#include <ggml-backend.h>
 #include <ggml.h>
 
 #include <cstdint>
@@ -46,6 +47,18 @@ struct dm_dmem_layer {
     ggml_tensor * dv = nullptr;       // [D, n_embd_v_gqa]
     ggml_tensor * d_o = nullptr;      // [D, n_embd]
     ggml_tensor * do_norm = nullptr;  // [n_embd] (delta_o_rmsnorm only)
+
+    // mq, mk, mv, beta_w (and lambda_w) stacked, so one mat-mul projects everything the scan needs:
+    // rows [0, D) q, [D, 2D) k, [2D, 3D) v, then G β logits, then G λ logits when uncoupled.
+    ggml_tensor * w_in = nullptr;     // [n_embd, 3D + G (+ G)] f32
+    ggml_tensor * b_in = nullptr;     // [G (+ G)] f32, the gate biases
+
+    // The W_Δ matrices transposed to [out, D] f32: a correction is then an outer-product sum over
+    // the D = r·H memory dimensions with long rows, instead of out × n_tokens dot products of length D.
+    ggml_tensor * dq_t = nullptr;
+    ggml_tensor * dk_t = nullptr;
+    ggml_tensor * dv_t = nullptr;
+    ggml_tensor * do_t = nullptr;
 };
 
 struct dm_adapter {
@@ -56,6 +69,14 @@ struct dm_adapter {
     std::vector<int32_t>       slot_of_layer; // [n_layer] index into layers, or -1
     std::vector<std::string>   delta_heads;
     std::unique_ptr<dm_weights_file> file;    // own storage when loaded from a separate file
+
+    ggml_context *        packed_ctx = nullptr;   // w_in / b_in of every layer
+    ggml_backend_buffer_t packed_buf = nullptr;
+
+    dm_adapter() = default;
+    dm_adapter(const dm_adapter &) = delete;
+    dm_adapter & operator=(const dm_adapter &) = delete;
+    ~dm_adapter();
 
     const dm_dmem_layer * for_layer(int32_t il) const {
         const int32_t s = slot_of_layer[il];

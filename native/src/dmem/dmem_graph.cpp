@@ -39,15 +39,15 @@ void dm_dmem_builder::make_inputs() {
     }
 }
 
-void dm_dmem_builder::set_inputs() const {
+void dm_dmem_builder::set_inputs(const dm_dmem_plan & call_plan) const {
     // plan[t] = index of the write item token t belongs to (-1: none); plan[n_tokens] = mode.
-    std::vector<int32_t> codes(static_cast<size_t>(n_tokens) + 1, plan.interleaved ? 0 : -1);
-    codes[n_tokens] = plan.interleaved ? 0 : 1;
-    std::vector<float> avg(in.avg ? static_cast<size_t>(n_tokens) * plan.items.size() : 0, 0.0f);
-    for (size_t k = 0; k < plan.items.size(); ++k) {
-        for (int32_t t : plan.items[k]) {
+    std::vector<int32_t> codes(static_cast<size_t>(n_tokens) + 1, call_plan.interleaved ? 0 : -1);
+    codes[n_tokens] = call_plan.interleaved ? 0 : 1;
+    std::vector<float> avg(in.avg ? static_cast<size_t>(n_tokens) * call_plan.items.size() : 0, 0.0f);
+    for (size_t k = 0; k < call_plan.items.size(); ++k) {
+        for (int32_t t : call_plan.items[k]) {
             codes[t] = static_cast<int32_t>(k);
-            if (in.avg) avg[k * n_tokens + t] = 1.0f / static_cast<float>(plan.items[k].size());
+            if (in.avg) avg[k * n_tokens + t] = 1.0f / static_cast<float>(call_plan.items[k].size());
         }
     }
     // An input no node reads (the plan in portable passes, the weights in fused ones) gets no memory.
@@ -56,12 +56,22 @@ void dm_dmem_builder::set_inputs() const {
 }
 
 dm_dmem_builder::projections dm_dmem_builder::project(const dm_dmem_layer & l, ggml_tensor * x) const {
+    const int64_t D = adapter.cfg.width(), G = adapter.cfg.gate_width;
     projections p{};
-    p.q = ggml_mul_mat(ctx, l.mq, x);                                  // [D, n]
-    p.k = ggml_mul_mat(ctx, l.mk, x);
-    p.v = ggml_mul_mat(ctx, l.mv, x);
-    p.beta = ggml_add(ctx, ggml_mul_mat(ctx, l.beta_w, x), l.beta_b);  // [G, n]
-    if (l.lambda_w) p.lambda = ggml_add(ctx, ggml_mul_mat(ctx, l.lambda_w, x), l.lambda_b);
+    p.packed = ggml_mul_mat(ctx, l.w_in, x);   // [3D + G (+ G), n]
+    if (fused) return p;                       // the kernel slices it and adds the gate biases itself
+    auto rows = [&](int64_t first, int64_t count) {
+        return ggml_cont(ctx, ggml_view_2d(ctx, p.packed, count, p.packed->ne[1], p.packed->nb[1],
+                                           static_cast<size_t>(first) * sizeof(float)));
+    };
+    auto bias = [&](int64_t first) {
+        return ggml_view_1d(ctx, l.b_in, G, static_cast<size_t>(first) * sizeof(float));
+    };
+    p.q = rows(0, D);
+    p.k = rows(D, D);
+    p.v = rows(2 * D, D);
+    p.beta = ggml_add(ctx, rows(3 * D, G), bias(0));   // [G, n]
+    if (l.lambda_w) p.lambda = ggml_add(ctx, rows(3 * D + G, G), bias(G));
     return p;
 }
 
@@ -163,9 +173,9 @@ ggml_tensor * dm_dmem_builder::portable(const projections & p, ggml_tensor * sta
     return o;
 }
 
-ggml_tensor * dm_dmem_builder::fused_scan(const projections & p, ggml_tensor * state) const {
-    ggml_tensor * args[] = {p.q, p.k, p.v, p.beta, p.lambda ? p.lambda : p.beta, state, in.plan};
-    ggml_tensor * o = ggml_custom_4d(ctx, GGML_TYPE_F32, adapter.cfg.width(), n_tokens, 1, 1, args, 7,
+ggml_tensor * dm_dmem_builder::fused_scan(const dm_dmem_layer & l, const projections & p, ggml_tensor * state) const {
+    ggml_tensor * args[] = {p.packed, l.b_in, state, in.plan};
+    ggml_tensor * o = ggml_custom_4d(ctx, GGML_TYPE_F32, adapter.cfg.width(), n_tokens, 1, 1, args, 4,
                                      dm_dmem_scan_cpu, 1, const_cast<dm_dmem_config *>(&adapter.cfg));
     // The op also writes the state: it must run even where nothing reads o (the last layer of a prefill).
     ggml_build_forward_expand(gf, o);
@@ -174,7 +184,7 @@ ggml_tensor * dm_dmem_builder::fused_scan(const projections & p, ggml_tensor * s
 
 ggml_tensor * dm_dmem_builder::read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x) {
     const projections p = project(layer, x);
-    return fused && n_tokens > 1 ? fused_scan(p, state) : portable(p, state);
+    return fused ? fused_scan(layer, p, state) : portable(p, state);
 }
 
 // ---- the fused CPU kernel ------------------------------------------------------------------------
@@ -256,52 +266,56 @@ struct scan_kernel {
 void dm_dmem_scan_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     if (ith != 0) return;   // the scan is sequential and tiny: one thread does it
     const auto & cfg = *static_cast<const dm_dmem_config *>(userdata);
-    const ggml_tensor * tq = dst->src[0], * tk = dst->src[1], * tv = dst->src[2];
-    const ggml_tensor * tb = dst->src[3], * tl = dst->src[4];
-    const int32_t * plan = static_cast<const int32_t *>(dst->src[6]->data);
+    const ggml_tensor * proj = dst->src[0];   // [3D + G (+ G), n]: q, k, v, β and λ logits
+    const float * gate_bias = static_cast<const float *>(dst->src[1]->data);
+    const int32_t * plan = static_cast<const int32_t *>(dst->src[3]->data);
     const int64_t n = dst->ne[1];
     const int32_t D = cfg.width(), G = cfg.gate_width;
-    auto col = [](const ggml_tensor * t, int64_t i) { return reinterpret_cast<const float *>(static_cast<const char *>(t->data) + i * t->nb[1]); };
+    const bool has_lambda = dst->src[1]->ne[0] == 2 * G;
+    auto column = [&](int64_t t) { return reinterpret_cast<const float *>(static_cast<const char *>(proj->data) + t * proj->nb[1]); };
     float * out = static_cast<float *>(dst->data);
-    scan_kernel kr(cfg, static_cast<float *>(dst->src[5]->data));
+    scan_kernel kr(cfg, static_cast<float *>(dst->src[2]->data));
+    std::vector<float> gate_logits(2 * static_cast<size_t>(G), 0.0f);   // β then λ, with their biases
+    auto set_gates = [&](const float * col) {
+        for (int32_t g = 0; g < G; ++g) gate_logits[g] = col[3 * D + g] + gate_bias[g];
+        for (int32_t g = 0; has_lambda && g < G; ++g) gate_logits[G + g] = col[3 * D + G + g] + gate_bias[G + g];
+        kr.gates(gate_logits.data(), gate_logits.data() + G);
+    };
 
     if (plan[n] == 0) {   // token writes: read, then write, token by token
         for (int64_t t = 0; t < n; ++t) {
-            kr.normalize(col(tq, t), kr.qn.data());
+            const float * col = column(t);
+            kr.normalize(col, kr.qn.data());
             kr.read(out + t * D);
-            kr.normalize(col(tk, t), kr.kn.data());
-            kr.gates(col(tb, t), col(tl, t));
-            kr.write(col(tv, t));
+            kr.normalize(col + D, kr.kn.data());
+            set_gates(col);
+            kr.write(col + 2 * D);
         }
         return;
     }
     for (int64_t t = 0; t < n; ++t) {   // every token reads the start state ...
-        kr.normalize(col(tq, t), kr.qn.data());
+        kr.normalize(column(t), kr.qn.data());
         kr.read(out + t * D);
     }
     int32_t n_items = 0;   // ... then each write item, in order, writes the mean of its tokens
     for (int64_t t = 0; t < n; ++t) n_items = std::max(n_items, plan[t] + 1);
-    std::vector<float> k_mean(D), v_mean(D), b_mean(G), l_mean(G);
+    // The mean of the projections is the projection of the mean x (they are linear).
+    const int64_t rows = proj->ne[0];
+    std::vector<float> mean(static_cast<size_t>(rows));
     for (int32_t item = 0; item < n_items; ++item) {
-        std::fill(k_mean.begin(), k_mean.end(), 0.0f);
-        std::fill(v_mean.begin(), v_mean.end(), 0.0f);
-        std::fill(b_mean.begin(), b_mean.end(), 0.0f);
-        std::fill(l_mean.begin(), l_mean.end(), 0.0f);
+        std::fill(mean.begin(), mean.end(), 0.0f);
         int32_t count = 0;
         for (int64_t t = 0; t < n; ++t) {
             if (plan[t] != item) continue;
             ++count;
-            for (int32_t d = 0; d < D; ++d) { k_mean[d] += col(tk, t)[d]; v_mean[d] += col(tv, t)[d]; }
-            for (int32_t g = 0; g < G; ++g) { b_mean[g] += col(tb, t)[g]; l_mean[g] += col(tl, t)[g]; }
+            const float * col = column(t);
+            for (int64_t r = 0; r < rows; ++r) mean[r] += col[r];
         }
         const float inv = 1.0f / static_cast<float>(std::max(count, 1));
-        for (float & x : k_mean) x *= inv;
-        for (float & x : v_mean) x *= inv;
-        for (float & x : b_mean) x *= inv;
-        for (float & x : l_mean) x *= inv;
-        kr.normalize(k_mean.data(), kr.kn.data());
-        kr.gates(b_mean.data(), l_mean.data());
-        kr.write(v_mean.data());
+        for (float & x : mean) x *= inv;
+        kr.normalize(mean.data() + D, kr.kn.data());
+        set_gates(mean.data());
+        kr.write(mean.data() + 2 * D);
     }
     (void) nth;
 }

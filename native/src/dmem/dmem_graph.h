@@ -19,6 +19,9 @@ struct dm_dmem_plan {
 
     // Token writes, or one write per segment id >= 0 (in increasing id order) when ids are given.
     static dm_dmem_plan make(const dm_dmem_config & cfg, const int32_t * ids, int32_t n_tokens, bool write);
+
+    // Plans with the same shape build the same graph (only the plan inputs differ).
+    bool same_shape(const dm_dmem_plan & o) const { return interleaved == o.interleaved && items.size() == o.items.size(); }
 };
 
 // Graph inputs the δ-mem ops need, shared by every layer of a pass.
@@ -34,18 +37,19 @@ struct dm_dmem_builder {
     const dm_memory &    memory;
     const dm_dmem_plan & plan;
     int32_t              n_tokens;
-    bool                 fused;     // CPU custom op for multi-token scans; portable ops otherwise
+    bool                 fused;     // the scan as one CPU custom op; portable ops otherwise
     dm_dmem_inputs       in;
 
     void make_inputs();
     // Runs the memory of one targeted layer on x ([n_embd, n_tokens], the attention input after
     // its RMSNorm) and updates its state; returns the reads o: [D, n_tokens].
     ggml_tensor * read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x);
-    // Host data of the inputs, once they are allocated.
-    void set_inputs() const;
+    // Host data of the inputs (once allocated) for a plan of the same shape as the built one.
+    void set_inputs(const dm_dmem_plan & call_plan) const;
 
 private:
     struct projections {
+        ggml_tensor * packed;                          // [3D + G (+ G), n], gate biases not yet added
         ggml_tensor * q, * k, * v, * beta, * lambda;   // raw (before nonlinearities): [D or G, n]
     };
     struct gates {
@@ -60,7 +64,7 @@ private:
     ggml_tensor * read(ggml_tensor * S, ggml_tensor * q_col) const;     // -> [D, 1]
     ggml_tensor * write(ggml_tensor * S, ggml_tensor * k_col, ggml_tensor * v_col, const gates & g) const;
     ggml_tensor * portable(const projections & p, ggml_tensor * state);
-    ggml_tensor * fused_scan(const projections & p, ggml_tensor * state) const;
+    ggml_tensor * fused_scan(const dm_dmem_layer & l, const projections & p, ggml_tensor * state) const;
 };
 
 // Reference CPU kernel of the scan (the fused custom op), exposed for tests of the portable path.

@@ -36,18 +36,15 @@ struct forward_builder {
                              /*beta_fast*/ 32.0f, /*beta_slow*/ 1.0f);
     }
 
-    // Writes this pass's keys or values into the cache at positions [n_past, n_past + n_tokens).
+    // Writes this pass's keys or values into the cache cells named by the kv_idx input.
     void store(ggml_tensor * cache, ggml_tensor * cur /* [width, n_tokens] */) const {
-        const int64_t width = cache->ne[0];
-        ggml_tensor * dst = ggml_view_1d(ctx, cache, width * shape.n_tokens,
-                                         ggml_row_size(cache->type, width) * shape.n_past);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, cur, dst));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, cache, cur, in.kv_idx));
     }
 
     // The first n_kv cached rows of a layer as [head_dim, n_kv, n_head_kv].
     ggml_tensor * cached_heads(ggml_tensor * cache, int64_t head_dim) const {
         const int64_t n_heads = cache->ne[0] / head_dim;
-        ggml_tensor * view = ggml_view_3d(ctx, cache, head_dim, n_heads, shape.n_kv(),
+        ggml_tensor * view = ggml_view_3d(ctx, cache, head_dim, n_heads, shape.n_kv,
                                           ggml_row_size(cache->type, head_dim), cache->nb[1], 0);
         return ggml_permute(ctx, view, 0, 2, 1, 3);
     }
@@ -63,9 +60,10 @@ struct forward_builder {
         ggml_tensor * mem = dl ? dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x)
                                : nullptr;   // [D, n_tokens]
 
-        ggml_tensor * q = correct(linear(l.wq, x, l.bq), dl ? dl->dq : nullptr, mem);   // [n_embd_q,  n_tokens]
-        ggml_tensor * k = correct(linear(l.wk, x, l.bk), dl ? dl->dk : nullptr, mem);   // [n_embd_kv, n_tokens]
-        ggml_tensor * v = correct(linear(l.wv, x, l.bv), dl ? dl->dv : nullptr, mem);   // [n_embd_v_gqa, n_tokens]
+        ggml_tensor * mem_t = mem ? ggml_cont(ctx, ggml_transpose(ctx, mem)) : nullptr;   // [n_tokens, D]
+        ggml_tensor * q = correct(linear(l.wq, x, l.bq), dl ? dl->dq_t : nullptr, mem_t);   // [n_embd_q,  n_tokens]
+        ggml_tensor * k = correct(linear(l.wk, x, l.bk), dl ? dl->dk_t : nullptr, mem_t);   // [n_embd_kv, n_tokens]
+        ggml_tensor * v = correct(linear(l.wv, x, l.bv), dl ? dl->dv_t : nullptr, mem_t);   // [n_embd_v_gqa, n_tokens]
 
         q = ggml_reshape_3d(ctx, q, hp.head_dim_k, hp.n_head, n_tokens);
         k = ggml_reshape_3d(ctx, k, hp.head_dim_k, hp.n_head_kv, n_tokens);
@@ -88,17 +86,18 @@ struct forward_builder {
         att = ggml_reshape_2d(ctx, att, hp.n_embd_o(), n_tokens);   // [n_embd_o, n_tokens]
 
         ggml_tensor * out = linear(l.wo, att, l.bo);   // [n_embd, n_tokens]
-        if (dl && dl->d_o) {
-            ggml_tensor * d = ggml_mul_mat(ctx, dl->d_o, mem);
+        if (dl && dl->do_t) {
+            ggml_tensor * d = ggml_out_prod(ctx, dl->do_t, mem_t);
             if (dl->do_norm) d = ggml_mul(ctx, ggml_rms_norm(ctx, d, model.adapter->cfg.delta_o_rmsnorm_eps), dl->do_norm);
             out = ggml_add(ctx, out, d);
         }
         return out;
     }
 
-    // y + W_Δ o, the low-rank correction of one projection (scales are folded into W_Δ).
-    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta, ggml_tensor * mem) const {
-        return w_delta ? ggml_add(ctx, y, ggml_mul_mat(ctx, w_delta, mem)) : y;
+    // y + W_Δ o, the low-rank correction of one projection (scales are folded into W_Δ):
+    // w_delta_t [out, D] and mem_t [n_tokens, D] give Σ_d w[:, d] ⊗ o[d, :] = [out, n_tokens].
+    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * mem_t) const {
+        return w_delta_t ? ggml_add(ctx, y, ggml_out_prod(ctx, w_delta_t, mem_t)) : y;
     }
 
     ggml_tensor * feed_forward(int il, ggml_tensor * x) const {
@@ -111,13 +110,13 @@ struct forward_builder {
     void make_inputs() {
         in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
         in.pos    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
-        in.mask   = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, shape.n_kv(), shape.n_tokens);
+        in.mask   = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, shape.n_kv, shape.n_tokens);
+        in.kv_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, shape.n_tokens);
         ggml_set_name(in.tokens, "inp_tokens");
         ggml_set_name(in.pos, "inp_pos");
         ggml_set_name(in.mask, "inp_mask");
-        ggml_set_input(in.tokens);
-        ggml_set_input(in.pos);
-        ggml_set_input(in.mask);
+        ggml_set_name(in.kv_idx, "inp_kv_idx");
+        for (ggml_tensor * t : {in.tokens, in.pos, in.mask, in.kv_idx}) ggml_set_input(t);
     }
 
     // The last token's column of x: [n_embd, n_tokens] -> [n_embd, 1].
@@ -156,6 +155,11 @@ struct forward_builder {
 };
 
 } // namespace
+
+int32_t dm_padded_n_kv(int32_t n_used, int32_t n_ctx) {
+    constexpr int32_t pad = 256;
+    return std::min(n_ctx, (n_used + pad - 1) / pad * pad);
+}
 
 size_t dm_graph_max_nodes(const dm_model & model, int32_t n_tokens, bool dmem_unrolled) {
     size_t n = static_cast<size_t>(model.hp.n_layer) * 64 + 256;

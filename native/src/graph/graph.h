@@ -14,15 +14,25 @@ struct dm_dmem_builder;
 struct dm_graph_inputs {
     ggml_tensor * tokens = nullptr;   // [n_tokens] i32
     ggml_tensor * pos    = nullptr;   // [n_tokens] i32, absolute positions
-    ggml_tensor * mask   = nullptr;   // [n_kv, n_tokens] f16, 0 or -inf (causal)
+    ggml_tensor * mask   = nullptr;   // [n_kv, n_tokens] f16, 0 or -inf (causal, and cells not yet written)
+    ggml_tensor * kv_idx = nullptr;   // [n_tokens] i64, the cache cells this pass writes
 };
 
+// What decides a graph's topology. Positions are inputs, and the attended cache length is padded,
+// so consecutive single-token passes share one shape and so one graph.
 struct dm_graph_shape {
-    int32_t n_tokens = 0;   // tokens in this pass
-    int32_t n_past   = 0;   // tokens already in the KV cache
-    int32_t n_outputs = 0;  // rows of logits to compute: 0, 1 (the last token) or n_tokens
-    int32_t n_kv() const { return n_past + n_tokens; }
+    int32_t n_tokens  = 0;   // tokens in this pass
+    int32_t n_kv      = 0;   // cache cells attended: n_past + n_tokens rounded up (see dm_padded_n_kv)
+    int32_t n_outputs = 0;   // rows of logits to compute: 0, 1 (the last token) or n_tokens
+
+    bool operator==(const dm_graph_shape & o) const {
+        return n_tokens == o.n_tokens && n_kv == o.n_kv && n_outputs == o.n_outputs;
+    }
 };
+
+// Cells to attend for n_used cells in use: padded to a multiple of 256 (capped at n_ctx); masked
+// cells cost little and a decode rebuilds its graph once per 256 tokens instead of every token.
+int32_t dm_padded_n_kv(int32_t n_used, int32_t n_ctx);
 
 struct dm_graph {
     ggml_cgraph *   gf = nullptr;
