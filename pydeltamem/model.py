@@ -49,7 +49,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, kv_type: str = "f16", use_mmap: bool = True,
-                 adapter: str | os.PathLike | None = None):
+                 adapter: str | os.PathLike | None = None, use_repack: bool = True):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"model file not found: {path!r}")
@@ -63,7 +63,7 @@ class Model:
         self.kv_type = kv_type
         if adapter is not None and not os.path.isfile(os.fspath(adapter)):
             raise ValueError(f"adapter file not found: {os.fspath(adapter)!r}")
-        self._native = _core.Model(path, use_mmap, None if adapter is None else os.fspath(adapter))
+        self._native = _core.Model(path, use_mmap, None if adapter is None else os.fspath(adapter), use_repack)
         info = self._native.adapter_info
         self._adapter: dict[str, Any] | None = None if info is None else json.loads(info)
         self._metadata: dict[str, Any] | None = None
@@ -110,6 +110,11 @@ class Model:
     @property
     def n_embd(self) -> int:
         return self._native.n_embd
+
+    @property
+    def n_repacked(self) -> int:
+        """Weights moved into ggml's CPU repack buffer (types with faster interleaved kernels)."""
+        return self._native.n_repacked
 
     @property
     def adapter(self) -> dict[str, Any] | None:

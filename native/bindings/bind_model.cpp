@@ -51,9 +51,11 @@ struct ContextHandle {
     }
 };
 
-ModelHandle * load_model(const std::string & path, bool use_mmap, const std::optional<std::string> & adapter) {
+ModelHandle * load_model(const std::string & path, bool use_mmap, const std::optional<std::string> & adapter,
+                         bool use_repack) {
     dm_model_params p = dm_model_default_params();
     p.use_mmap = use_mmap;
+    p.use_repack = use_repack;
     p.adapter_path = adapter ? adapter->c_str() : nullptr;
     dm_model * m = nullptr;
     {
@@ -148,7 +150,9 @@ std::vector<dm_token> context_tokens(const ContextHandle & c) {
 
 void bind_model(py::module_ & m) {
     py::class_<ModelHandle>(m, "Model")
-        .def(py::init(&load_model), py::arg("path"), py::arg("use_mmap") = true, py::arg("adapter") = py::none())
+        .def(py::init(&load_model), py::arg("path"), py::arg("use_mmap") = true, py::arg("adapter") = py::none(),
+             py::arg("use_repack") = true)
+        .def_property_readonly("n_repacked", [](const ModelHandle & s) { s.require_open(); return dm_model_n_repacked(s.ptr); })
         .def_property_readonly("adapter_info", [](const ModelHandle & s) -> py::object {
             s.require_open();
             const char * info = dm_model_adapter_info(s.ptr);

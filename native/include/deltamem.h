@@ -27,6 +27,7 @@ const char * dm_last_error(void);
 struct dm_model_params {
     const char * adapter_path;   // δ-mem adapter GGUF, or NULL (a packed model loads its own)
     bool         use_mmap;       // map weights from the file instead of reading them
+    bool         use_repack;     // move mat-mul weights of supported types to ggml's repack buffer (faster kernels)
 };
 struct dm_model_params dm_model_default_params(void);
 
@@ -38,6 +39,7 @@ int32_t      dm_model_n_vocab   (const dm_model * model);
 int32_t      dm_model_n_ctx_train(const dm_model * model);
 int32_t      dm_model_n_layer   (const dm_model * model);
 int32_t      dm_model_n_embd    (const dm_model * model);
+int32_t      dm_model_n_repacked(const dm_model * model);   // weights moved to the repack buffer
 
 // GGUF metadata, in file order. Values are rendered as text; arrays are summarised
 // ("[i32; 49152]") unless short (then JSON). Type names are gguf_type_name()s ("u32", "str", "f32") or "array".

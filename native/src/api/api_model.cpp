@@ -2,6 +2,7 @@
 #include <deltamem.h>
 
 #include "common/error.h"
+#include "common/log.h"
 #include "context/context.h"
 #include "model/model.h"
 
@@ -15,14 +16,16 @@ dm_model_params dm_model_default_params(void) {
     dm_model_params p{};
     p.adapter_path = nullptr;
     p.use_mmap = true;
+    p.use_repack = true;
     return p;
 }
 
 dm_model * dm_model_load(const char * path, dm_model_params params) {
     return dm::guard<dm_model *>(nullptr, [&] {
         if (!path) dm::fail("model path is NULL");
+        dm::install_ggml_log();
         auto model = std::make_unique<dm_model>();
-        dm_model_load_file(*model, path, params.use_mmap);
+        dm_model_load_file(*model, path, params.use_mmap, params.use_repack);
         dm_model_attach_adapter(*model, params.adapter_path ? params.adapter_path : "", params.use_mmap);
         return model.release();
     });
@@ -35,6 +38,7 @@ int32_t dm_model_n_vocab(const dm_model * model) { return model->hp.n_vocab; }
 int32_t dm_model_n_ctx_train(const dm_model * model) { return model->hp.n_ctx_train; }
 int32_t dm_model_n_layer(const dm_model * model) { return model->hp.n_layer; }
 int32_t dm_model_n_embd(const dm_model * model) { return model->hp.n_embd; }
+int32_t dm_model_n_repacked(const dm_model * model) { return model->repacked.n_tensors; }
 
 int32_t dm_model_meta_count(const dm_model * model) { return static_cast<int32_t>(model->meta_keys.size()); }
 

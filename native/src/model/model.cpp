@@ -171,7 +171,7 @@ void render_metadata(dm_model & model) {
 
 } // namespace
 
-void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap) {
+void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap, bool use_repack) {
     model.path = path;
     model.file.open(path);
     model.gguf = model.file.gguf;
@@ -185,6 +185,7 @@ void dm_model_load_file(dm_model & model, const std::string & path, bool use_mma
     bind_tensors(model);
     model.vocab.load(model.gguf);
     model.file.load_data(use_mmap);
+    if (use_repack) dm_repack_weights(model);
     render_metadata(model);
 }
 

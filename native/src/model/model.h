@@ -2,6 +2,7 @@
 #pragma once
 
 #include "dmem/adapter.h"
+#include "model/repack.h"
 #include "model/weights_file.h"
 #include "vocab/vocab.h"
 
@@ -64,6 +65,7 @@ struct dm_model {
     dm_hparams  hp;
 
     dm_weights_file file;                // the GGUF: metadata and weight storage
+    dm_repacked_weights repacked;        // mat-mul weights moved to the repack buffer (after file: freed first)
     gguf_context *  gguf = nullptr;      // = file.gguf
     ggml_context *  ctx_w = nullptr;     // = file.ctx, tensor descriptors of the weights
 
@@ -85,6 +87,6 @@ struct dm_model {
 };
 
 // Loads and validates everything before any compute; throws dm::Error naming the key or tensor at fault.
-void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap);
+void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap, bool use_repack);
 // Attaches a δ-mem adapter from its own file, or the one packed in the model file (empty path).
 void dm_model_attach_adapter(dm_model & model, const std::string & adapter_path, bool use_mmap);
