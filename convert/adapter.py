@@ -21,15 +21,14 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import replacing
 from ._torch_pickle import load_torch_checkpoint
 
 CONFIG_FILE = "delta_mem_config.json"
@@ -760,21 +759,15 @@ def _write_gguf_atomically(out_path: Path, arch: str, fill) -> None:
     once complete: a crash leaves any previous file intact."""
     from gguf import GGUFWriter
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(out_path) as tmp:
         writer = GGUFWriter(tmp, arch)
-        fill(writer)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
 # ---------------------------------------------------------------------------------------

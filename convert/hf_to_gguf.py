@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import gguf
 import numpy as np
 
 from .. import quantize as _quantize
+from ..atomic import replacing
 from ._hf_tokenizer import read_tokenizer
 from ._safetensors import SafetensorsCheckpoint
 
@@ -384,25 +384,18 @@ def _write_atomically(writer: gguf.GGUFWriter, checkpoint: SafetensorsCheckpoint
     """Write into a temporary file beside `out_path` and rename it at the end: never a half-written output."""
     from tqdm import tqdm
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    try:
-        writer.write_header_to_file(tmp_path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total = sum(_nbytes_and_byte_shape(p)[0] for p in plans)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=out_path.name, disable=not progress) as bar:
-            for plan in plans:
-                writer.write_tensor_data(encode_tensor(checkpoint.tensor(plan.hf_name), plan))
-                bar.update(_nbytes_and_byte_shape(plan)[0])
-        writer.close()
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        writer.close()
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with replacing(out_path) as tmp_path:
+        try:
+            writer.write_header_to_file(tmp_path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            total = sum(_nbytes_and_byte_shape(p)[0] for p in plans)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=out_path.name, disable=not progress) as bar:
+                for plan in plans:
+                    writer.write_tensor_data(encode_tensor(checkpoint.tensor(plan.hf_name), plan))
+                    bar.update(_nbytes_and_byte_shape(plan)[0])
+        finally:
+            writer.close()
 
 
 # ----------------------------------------------------------------------------- command line

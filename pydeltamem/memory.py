@@ -10,31 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Any
 
 import numpy as np
 
 MEMORY_MAGIC = b"DMEMMEM1"
 STATE_MAGIC = b"DMEMSTA1"
-
-
-def write_atomically(path: str | os.PathLike, chunks: list[bytes]) -> None:
-    """Writes to a temporary file beside path, then renames: a crash leaves the old file intact."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def pack(magic: bytes, header: dict[str, Any], payload: list[bytes]) -> list[bytes]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from . import _core
+from . import atomic as _atomic
 from . import memory as _memfile
 
 if TYPE_CHECKING:
@@ -326,7 +327,7 @@ class Context:
         adapter = self._require_adapter()
         mem = self.memory
         header = _memfile.memory_header(adapter, mem.shape)
-        _memfile.write_atomically(path, _memfile.pack(_memfile.MEMORY_MAGIC, header, [mem.astype("<f4").tobytes()]))
+        _atomic.write_bytes(path, _memfile.pack(_memfile.MEMORY_MAGIC, header, [mem.astype("<f4").tobytes()]))
 
     def load_memory(self, path: str | os.PathLike) -> None:
         """Restores a state written by save_memory; raises ValueError for another adapter's memory."""
@@ -345,7 +346,7 @@ class Context:
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Writes tokens, KV cache and δ-mem state, so load_state continues bit-identically (atomically)."""
-        _memfile.write_atomically(path, self._state_chunks())
+        _atomic.write_bytes(path, self._state_chunks())
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Restores a file written by save_state of a context of the same model (and adapter)."""

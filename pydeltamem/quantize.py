@@ -18,9 +18,10 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .atomic import replacing
 
 import gguf
 import numpy as np
@@ -60,10 +61,12 @@ MIXES: dict[str, Mix] = {m.name: m for m in [
 _FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 # When a tensor's rows do not divide into the chosen type's blocks, llama.cpp moves to a type with
-# smaller blocks (32 values) of similar size; f16 is the last resort (it fits any row).
+# smaller blocks (32 values) of similar size; f16 is the last resort (it fits any row). The table is
+# llama-quantize's (llama.cpp as vendored in llama-cpp-python 0.3.36; older llama.cpp sent q2_K/q3_K to
+# iq4_nl instead of q4_0).
 _FALLBACK = {
-    Q.Q2_K: Q.IQ4_NL,
-    Q.Q3_K: Q.IQ4_NL,
+    Q.Q2_K: Q.Q4_0,
+    Q.Q3_K: Q.Q4_0,
     Q.Q4_K: Q.Q5_0,
     Q.Q5_K: Q.Q5_1,
     Q.Q6_K: Q.Q8_0,
@@ -360,21 +363,14 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, type_
 
 def _write_atomically(writer: gguf.GGUFWriter, out_path: Path, write_tensors) -> None:
     """Write into a temporary file beside `out_path`, renamed over it only when complete."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    try:
-        writer.write_header_to_file(tmp_path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        write_tensors()
-        writer.close()
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        writer.close()
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with replacing(out_path) as tmp_path:
+        try:
+            writer.write_header_to_file(tmp_path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            write_tensors()
+        finally:
+            writer.close()
 
 
 # ----------------------------------------------------------------------------- command line

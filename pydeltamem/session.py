@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from . import atomic as _atomic
 from . import memory as _memfile
 from .completion import _Request, _sampler_args, chat_prompt, _token_text
 
@@ -215,7 +216,7 @@ class ChatSession:
                 header["state_bytes"] = len(state)
                 payload.append(state)
             header["memory_bytes"] = len(payload[0])
-            _memfile.write_atomically(path, _memfile.pack(SESSION_MAGIC, header, payload))
+            _atomic.write_bytes(path, _memfile.pack(SESSION_MAGIC, header, payload))
 
     @classmethod
     def load(cls, model: "Model", path: str | os.PathLike, **ctx_kwargs: Any) -> "ChatSession":
