@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds ggml for this CPU (GGML_NATIVE, OpenMP, llamafile sgemm — as llama.cpp builds it) from libggml-python's source distribution into a
+# fresh virtual environment, installs this checkout of pydeltamem against it, and checks that it runs.
+#
+#   bash bench/build_native_ggml.sh [VENV]        (default VENV: .venv-native)
+#
+# Then compare with the portable wheel: VENV/bin/deltamem bench ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${1:-.venv-native}"
+
+python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet scikit-build-core pybind11 numpy
+# --no-cache-dir: a cached portable wheel of the same version must not stand in for the native build.
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+  "$venv/bin/pip" install --quiet --no-cache-dir --no-binary libggml-python libggml-python==0.20.2.post1 \
+    -C cmake.define.GGML_NATIVE=ON -C cmake.define.GGML_OPENMP=ON -C cmake.define.GGML_LLAMAFILE=ON
+"$venv/bin/pip" install --quiet --no-build-isolation .
+
+config=$(ls "$venv"/lib/python3*/site-packages/libggml/lib*/cmake/ggml/ggml-config.cmake | head -n 1)
+grep -q 'set(GGML_NATIVE "ON")' "$config" || { echo "ggml was not built with GGML_NATIVE" >&2; exit 1; }
+"$venv/bin/deltamem" generate "The capital of France is" -n 8 --temp 0
+echo "native ggml ready in $venv"
