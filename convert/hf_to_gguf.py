@@ -29,7 +29,7 @@ import gguf
 import numpy as np
 
 from .. import quantize as _quantize
-from ..atomic import replacing
+from ..atomic import write_gguf
 from ._hf_tokenizer import read_tokenizer
 from ._safetensors import SafetensorsCheckpoint
 
@@ -375,27 +375,19 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     tokenizer.write(writer)
     for plan in plans:
         _declare_tensor(writer, plan)
-    _write_atomically(writer, checkpoint, plans, out_path, progress)
+    write_gguf(writer, out_path, lambda: _write_tensor_data(writer, checkpoint, plans, out_path.name, progress))
     return notes
 
 
-def _write_atomically(writer: gguf.GGUFWriter, checkpoint: SafetensorsCheckpoint, plans: list[TensorPlan],
-                      out_path: Path, progress: bool) -> None:
-    """Write into a temporary file beside `out_path` and rename it at the end: never a half-written output."""
+def _write_tensor_data(writer: gguf.GGUFWriter, checkpoint: SafetensorsCheckpoint, plans: list[TensorPlan],
+                       label: str, progress: bool) -> None:
     from tqdm import tqdm
 
-    with replacing(out_path) as tmp_path:
-        try:
-            writer.write_header_to_file(tmp_path)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            total = sum(_nbytes_and_byte_shape(p)[0] for p in plans)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=out_path.name, disable=not progress) as bar:
-                for plan in plans:
-                    writer.write_tensor_data(encode_tensor(checkpoint.tensor(plan.hf_name), plan))
-                    bar.update(_nbytes_and_byte_shape(plan)[0])
-        finally:
-            writer.close()
+    total = sum(_nbytes_and_byte_shape(p)[0] for p in plans)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
+        for plan in plans:
+            writer.write_tensor_data(encode_tensor(checkpoint.tensor(plan.hf_name), plan))
+            bar.update(_nbytes_and_byte_shape(plan)[0])
 
 
 # ----------------------------------------------------------------------------- command line

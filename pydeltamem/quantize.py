@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import replacing
+from .atomic import write_gguf
 
 import gguf
 import numpy as np
@@ -357,20 +357,8 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, type_
 
     with tqdm(total=result.bytes_in, unit="B", unit_scale=True, desc=f"{out_path.name} ({mix.name})",
               disable=not progress) as bar:
-        _write_atomically(writer, out_path, lambda: write_tensors(bar))
+        write_gguf(writer, out_path, lambda: write_tensors(bar))
     return result
-
-
-def _write_atomically(writer: gguf.GGUFWriter, out_path: Path, write_tensors) -> None:
-    """Write into a temporary file beside `out_path`, renamed over it only when complete."""
-    with replacing(out_path) as tmp_path:
-        try:
-            writer.write_header_to_file(tmp_path)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            write_tensors()
-        finally:
-            writer.close()
 
 
 # ----------------------------------------------------------------------------- command line
