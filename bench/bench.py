@@ -43,9 +43,7 @@ BUILTIN_MODELS = {
 # ----------------------------------------------------------------------------- workers
 
 def ours_worker(spec: dict) -> dict:
-    """One run of our engine (in a fresh process: ours_worker.py)."""
-    import resource
-
+    """One run of our engine (in a fresh process: ours_worker.py, which passes peak_rss_kb)."""
     import pydeltamem
 
     t0 = time.perf_counter()
@@ -87,7 +85,7 @@ def ours_worker(spec: dict) -> dict:
         out["tg_s"] = time.perf_counter() - t
         out["tg_tps"] = len(tg_tokens) / out["tg_s"]
         out["tg_token_ms"] = [round(x * 1e3, 4) for x in times]
-    out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["maxrss_kb"] = spec["peak_rss_kb"]()
     ctx.close()
     model.close()
     return out
@@ -220,16 +218,17 @@ def machine_info() -> dict:
 def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int,
               llamacpp: list[tuple[str, str]], dmem: bool = True, n_ctx: int | None = None,
               n_batch: int = 512, timeout: float = 900.0, seed: int = 1234, log=print,
-              adapter_dir: str | None = None) -> dict:
+              adapter_dir: str | None = None, adapter_type: str = "auto") -> dict:
     from . import make_models
 
     report = {"machine": machine_info(), "params": {
         "pp": pp, "tg": tg, "runs": runs, "threads": threads, "n_batch": n_batch, "seed": seed,
+        "adapter_type": adapter_type,
         "llamacpp": [{"label": lbl, "python": py} for lbl, py in llamacpp]}, "results": []}
     t_start = time.time()
     for model_name in models:
         label, path = resolve_model(model_name, log)
-        adapter = str(make_models.adapter_for(path, adapter_dir)) if dmem else None
+        adapter = str(make_models.adapter_for(path, adapter_dir, outtype=adapter_type)) if dmem else None
         n_vocab = gguf_n_vocab(path)
         ctx_size = n_ctx or (pp + tg)
         base_spec = {"model": path, "n_ctx": ctx_size, "n_batch": n_batch,
@@ -293,29 +292,54 @@ def format_table(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def default_llamacpp_python() -> str | None:
-    """$PYDELTAMEM_BENCH_LLAMACPP_PYTHON, else the venv --setup-llamacpp makes, if present."""
+# llama.cpp builds the bench can set up: (venv folder, label, CMake arguments). "default" is what
+# `pip install llama-cpp-python` compiles (GGML_NATIVE: -march=native, OpenMP, llamafile's sgemm);
+# "avx2" uses the flags of the libggml-python wheel our engine runs on (AVX2/FMA/F16C/BMI2, no
+# native tuning, no OpenMP, no llamafile), which separates engine overhead from kernel differences.
+LLAMACPP_BUILDS = {
+    "default": ("venv-llamacpp", "llama.cpp", ""),
+    "avx2": ("venv-llamacpp-avx2", "llama.cpp-avx2",
+             "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+             "-DGGML_OPENMP=OFF -DGGML_LLAMAFILE=OFF"),
+}
+
+
+def _llamacpp_venv(build: str) -> Path:
+    from .make_models import cache_dir
+
+    return cache_dir() / LLAMACPP_BUILDS[build][0]
+
+
+def default_llamacpp_pythons() -> list[tuple[str, str]]:
+    """$PYDELTAMEM_BENCH_LLAMACPP_PYTHON, else the venvs --setup-llamacpp made, as (label, python)."""
     env = os.environ.get("PYDELTAMEM_BENCH_LLAMACPP_PYTHON")
     if env:
-        return env
-    from .make_models import cache_dir
+        return [("llama.cpp", env)]
+    found = []
+    for build, (_, label, _) in LLAMACPP_BUILDS.items():
+        py = _llamacpp_venv(build) / "bin" / "python"
+        if py.is_file():
+            found.append((label, str(py)))
+    return found
 
-    candidate = cache_dir() / "venv-llamacpp" / "bin" / "python"
-    return str(candidate) if candidate.is_file() else None
 
-
-def setup_llamacpp(log=print) -> str:
-    """Create ~/.cache/pydeltamem-bench/venv-llamacpp with llama-cpp-python (builds llama.cpp, ~10 min)."""
-    from .make_models import cache_dir
-
-    venv = cache_dir() / "venv-llamacpp"
+def setup_llamacpp(build: str = "default", log=print) -> None:
+    """Create the venv of one llama.cpp build (LLAMACPP_BUILDS) with llama-cpp-python compiled from
+    source (~10 min on 2 cores)."""
+    cmake_args = LLAMACPP_BUILDS[build][2]
+    venv = _llamacpp_venv(build)
     py = venv / "bin" / "python"
     if not py.is_file():
         log(f"[bench] creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    log("[bench] pip install llama-cpp-python (compiles llama.cpp from source when no wheel fits)")
-    subprocess.run([str(py), "-m", "pip", "install", "llama-cpp-python"], check=True)
-    return str(py)
+    cmd = [str(py), "-m", "pip", "install", "llama-cpp-python"]
+    env = dict(os.environ)
+    if cmake_args:
+        # Pip's wheel cache ignores CMAKE_ARGS: build afresh, whatever is installed or cached.
+        env["CMAKE_ARGS"] = cmake_args
+        cmd += ["--no-cache-dir", "--force-reinstall"]
+    log(f"[bench] {' '.join(cmd[1:])}" + (f" with CMAKE_ARGS={cmake_args!r}" if cmake_args else ""))
+    subprocess.run(cmd, check=True, env=env)
 
 
 def _parse_llamacpp(values: list[str]) -> list[tuple[str, str]]:
@@ -336,12 +360,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default pp + tg, as llama-bench)")
     parser.add_argument("--no-dmem", action="store_true", help="skip the engine with a δ-mem adapter")
+    parser.add_argument("--adapter-type", choices=("auto", "f32", "f16"), default="auto",
+                        help="convert-adapter --outtype of the random adapter (its release files are bf16, so auto "
+                        "gives f16, as for a released adapter)")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
     parser.add_argument("--llamacpp-python", action="append", metavar="PYTHON[=LABEL]",
                         help="interpreter of a venv with llama-cpp-python (repeatable; default "
-                        "$PYDELTAMEM_BENCH_LLAMACPP_PYTHON or ~/.cache/pydeltamem-bench/venv-llamacpp)")
-    parser.add_argument("--setup-llamacpp", action="store_true",
-                        help="create ~/.cache/pydeltamem-bench/venv-llamacpp with llama-cpp-python first")
+                        "$PYDELTAMEM_BENCH_LLAMACPP_PYTHON, else every venv --setup-llamacpp made under "
+                        "~/.cache/pydeltamem-bench)")
+    parser.add_argument("--setup-llamacpp", nargs="?", const="default", choices=sorted(LLAMACPP_BUILDS),
+                        metavar="BUILD", help="first create (or update) the venv of a llama.cpp build: 'default' "
+                        "(pip's build: native flags, OpenMP) or 'avx2' (the libggml-python wheel's flags)")
     parser.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process (default 900)")
     parser.add_argument("--cache-dir", default=None, help="models and adapters cache (default ~/.cache/pydeltamem-bench)")
@@ -359,21 +388,17 @@ def run_cli(args: argparse.Namespace) -> int:
     llamacpp: list[tuple[str, str]] = []
     if not args.no_llamacpp:
         if args.setup_llamacpp:
-            llamacpp = [("llama.cpp", setup_llamacpp(log))]
-        elif args.llamacpp_python:
-            llamacpp = _parse_llamacpp(args.llamacpp_python)
-        else:
-            py = default_llamacpp_python()
-            if py is None:
-                log("[bench] llama.cpp skipped: no llama-cpp-python venv found (use --setup-llamacpp, "
-                    "--llamacpp-python PATH or $PYDELTAMEM_BENCH_LLAMACPP_PYTHON; --no-llamacpp to silence)")
-            else:
-                llamacpp = [("llama.cpp", py)]
+            setup_llamacpp(args.setup_llamacpp, log)
+        llamacpp = _parse_llamacpp(args.llamacpp_python) if args.llamacpp_python else default_llamacpp_pythons()
+        if not llamacpp:
+            log("[bench] llama.cpp skipped: no llama-cpp-python venv found (use --setup-llamacpp, "
+                "--llamacpp-python PATH or $PYDELTAMEM_BENCH_LLAMACPP_PYTHON; --no-llamacpp to silence)")
         for _, py in llamacpp:
             if not os.path.isfile(py):
                 raise FileNotFoundError(f"llama-cpp-python interpreter not found: {py}")
     report = run_bench(args.model or ["smollm2"], threads, args.runs, args.pp, args.tg, llamacpp,
-                       dmem=not args.no_dmem, n_ctx=args.n_ctx, timeout=args.timeout, log=log)
+                       dmem=not args.no_dmem, n_ctx=args.n_ctx, timeout=args.timeout, log=log,
+                       adapter_type=args.adapter_type)
     print(format_table(report))
     if report["machine"].get("loadavg_start"):
         print(f"\nload average at start {report['machine']['loadavg_start']}, at end {report['machine']['loadavg_end']}"

@@ -15,9 +15,18 @@ from an empty cache).
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set size in KiB, from VmHWM: it starts afresh at exec, whereas
+    getrusage's ru_maxrss keeps the peak of the parent the worker was forked from (the harness)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run(spec: dict) -> dict:
@@ -62,7 +71,7 @@ def run(spec: dict) -> dict:
         out["tg_s"] = time.perf_counter() - t
         out["tg_tps"] = len(tg_tokens) / out["tg_s"]
         out["tg_token_ms"] = [round(x * 1e3, 4) for x in times]
-    out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["maxrss_kb"] = peak_rss_kb()
     out["version"] = getattr(llama_cpp, "__version__", "?")
     try:
         out["system_info"] = llama_cpp.llama_print_system_info().decode().strip()

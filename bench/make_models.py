@@ -144,21 +144,23 @@ def _file_key(path: Path) -> str:
     return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-def adapter_for(model_gguf: str | os.PathLike, out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """A random release-configuration δ-mem adapter GGUF for `model_gguf` (cached)."""
+def adapter_for(model_gguf: str | os.PathLike, out_dir: str | os.PathLike | None = None, seed: int = 0,
+                outtype: str = "auto") -> Path:
+    """A random release-configuration δ-mem adapter GGUF for `model_gguf` (cached), converted from
+    its bf16 release files with `outtype` (convert-adapter's: auto gives f16 here)."""
     from pydeltamem.convert.adapter import convert_adapter, load_backbone
 
     model_gguf = Path(model_gguf)
     out_dir = Path(out_dir) if out_dir is not None else cache_dir() / "adapters"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{model_gguf.stem}-dmem-r8-{_file_key(model_gguf)}-s{seed}.gguf"
+    out = out_dir / f"{model_gguf.stem}-dmem-r8-{_file_key(model_gguf)}-s{seed}-{outtype}.gguf"
     if out.is_file():
         return out
     backbone = load_backbone(model_gguf)
     config, tensors = adapter_tensors(backbone.block_count, backbone.n_embd, dict(backbone.widths), seed)
     src = out_dir / (out.stem + "-release")
     write_release_adapter(src, config, tensors)
-    convert_adapter(src, out, base=model_gguf, outtype="f32")
+    convert_adapter(src, out, base=model_gguf, outtype=outtype)
     return out
 
 

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 
-def _harness():
-    here = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("_deltamem_bench_harness", here / "bench.py")
+def _sibling(name: str):
+    """A module of this folder, loaded by path."""
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_deltamem_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -21,6 +22,7 @@ def _harness():
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())
-    result = _harness().ours_worker(spec)
+    spec["peak_rss_kb"] = _sibling("llamacpp_worker").peak_rss_kb   # one definition for both workers
+    result = _sibling("bench").ours_worker(spec)
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()

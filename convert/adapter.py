@@ -1,7 +1,7 @@
 """Convert a trained δ-mem adapter (reference release format) to a GGUF adapter file.
 
     deltamem convert-adapter ADAPTER_DIR -o OUT.gguf [--base MODEL.gguf|HF_DIR]
-                             [--outtype f32|f16] [--pack MODEL.gguf] [--arch ARCH]
+                             [--outtype auto|f32|f16] [--pack MODEL.gguf] [--arch ARCH]
 
 Input: `delta_mem_config.json` plus `delta_mem_adapter.pt` (read without torch, through a
 restricted unpickler) or `delta_mem_adapter.safetensors`. Output: a GGUF whose keys and
@@ -9,7 +9,8 @@ tensors are specified in docs/adapter-format.md — read that first; this module
 implementation. In short:
 
 - every configuration value the runtime needs becomes a `deltamem.*` key;
-- every weight becomes `blk.{layer}.dmem_*` (matrices f32/f16, vectors f32);
+- every weight becomes `blk.{layer}.dmem_*` (matrices f16 for 16-bit checkpoints, f32 for
+  32-bit ones, or as --outtype says; vectors f32);
 - constant scales (alpha/rank and the learned delta scale) are folded into the
   correction weights, so the runtime never multiplies by a scale;
 - for backbones whose GGUF q/k rows are permuted for ggml's RoPE layout (llama,
@@ -802,21 +803,47 @@ def _validate_against_backbone(
             )
 
 
+OUTTYPES = ("auto", "f32", "f16")
+
+
+def is_16bit(array: np.ndarray) -> bool:
+    """Every value is a bf16 value, or every value is an f16 value: a 16-bit checkpoint."""
+    a32 = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.array_equal(a32, array):
+        return False
+    if not np.any(a32.view(np.uint32) & 0xFFFF):
+        return True
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(a32.astype(np.float16).astype(np.float32), a32))
+
+
+def resolve_outtype(outtype: str, tensors: dict[str, np.ndarray]) -> str:
+    """"auto": f16 when the checkpoint's matrices are 16-bit (the release's bf16 fits f16's 11-bit
+    mantissa; only magnitudes below 6.1e-5 lose bits, by at most 3e-8), else f32."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    if outtype != "auto":
+        return outtype
+    matrices = [t for t in tensors.values() if t.ndim == 2]
+    return "f16" if matrices and all(is_16bit(t) for t in matrices) else "f32"
+
+
 def convert_adapter(
     adapter_dir: str | Path,
     out_path: str | Path,
     base: str | Path | None = None,
-    outtype: str = "f32",
+    outtype: str = "auto",
     pack: str | Path | None = None,
     arch: str | None = None,
 ) -> Path:
     """Convert ADAPTER_DIR to a GGUF adapter at out_path (or, with `pack`, a model GGUF that
     also carries the adapter). Returns the output path. Raises ValueError/FileNotFoundError
     with a clear message on bad input."""
-    if outtype not in ("f32", "f16"):
-        raise ValueError(f"--outtype must be f32 or f16, got {outtype!r}")
+    if outtype not in OUTTYPES:
+        raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     out_path = Path(out_path)
     raw_config, raw_tensors, _source_name = read_adapter_dir(adapter_dir)
+    outtype = resolve_outtype(outtype, raw_tensors)
     by_layer = group_by_layer(raw_tensors)
     cfg = parse_config(raw_config, by_layer)
 
@@ -894,7 +921,9 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder with delta_mem_config.json and delta_mem_adapter.pt|.safetensors")
     parser.add_argument("-o", "--outfile", required=True, metavar="OUT.gguf", help="output file")
     parser.add_argument("--base", metavar="MODEL.gguf|HF_DIR", help="backbone to validate against (and to take the architecture from)")
-    parser.add_argument("--outtype", choices=("f32", "f16"), default="f32", help="dtype of the weight matrices (default f32)")
+    parser.add_argument("--outtype", choices=OUTTYPES, default="auto",
+                        help="dtype of the weight matrices: auto (default) = f16 for a 16-bit (bf16/f16) checkpoint, "
+                        "f32 for a 32-bit one")
     parser.add_argument("--pack", metavar="MODEL.gguf", help="write one GGUF holding this model and the adapter")
     parser.add_argument("--arch", choices=SUPPORTED_ARCHS, help="backbone architecture, when no --base is given")
     parser.set_defaults(func=_run_cli)

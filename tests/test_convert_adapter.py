@@ -153,7 +153,7 @@ CONVERT_CASES = [
 @pytest.mark.parametrize("arch,variant", CONVERT_CASES)
 def test_converted_tensors_equal_source_after_folding_and_permutation(tmp_path, arch, variant):
     folder, config, tensors = adapter_dir(tmp_path, arch, variant)
-    out = conv.convert_adapter(folder, tmp_path / "a.gguf", base=hf_dir(tmp_path, arch))
+    out = conv.convert_adapter(folder, tmp_path / "a.gguf", base=hf_dir(tmp_path, arch), outtype="f32")
     fields, got = read_gguf(out)
     cfg = hf_model(arch).config
     widths = backbone_widths(cfg)
@@ -209,7 +209,7 @@ def test_folded_tensors_reproduce_reference_corrections(tmp_path, arch, variant)
     """What the runtime computes from the GGUF (Δ = W' o; Δo = rmsnorm(W'_o o)·w' when normed)
     equals the reference's corrections from the source adapter, for a random readout o."""
     folder, config, tensors = adapter_dir(tmp_path, arch, variant)
-    fields, got = read_gguf(conv.convert_adapter(folder, tmp_path / "a.gguf", base=hf_dir(tmp_path, arch)))
+    fields, got = read_gguf(conv.convert_adapter(folder, tmp_path / "a.gguf", base=hf_dir(tmp_path, arch), outtype="f32"))
     cfg = hf_model(arch).config
     rcfg = ref_config(config, cfg.num_hidden_layers)
     rng = np.random.default_rng(1)
@@ -243,7 +243,7 @@ def test_pt_and_safetensors_give_identical_gguf_tensors_and_fingerprint(tmp_path
 
 def test_fingerprint_ignores_outtype_but_tracks_weights(tmp_path):
     a, config, tensors = adapter_dir(tmp_path, "qwen3")
-    f32, _ = read_gguf(conv.convert_adapter(a, tmp_path / "a.gguf", arch="qwen3"))
+    f32, _ = read_gguf(conv.convert_adapter(a, tmp_path / "a.gguf", arch="qwen3", outtype="f32"))
     f16, t16 = read_gguf(conv.convert_adapter(a, tmp_path / "b.gguf", arch="qwen3", outtype="f16"))
     assert f32["deltamem.fingerprint"] == f16["deltamem.fingerprint"]
     assert t16["blk.0.dmem_mq.weight"].tensor_type == gguf.GGMLQuantizationType.F16
@@ -255,6 +255,30 @@ def test_fingerprint_ignores_outtype_but_tracks_weights(tmp_path):
     other = write_adapter(tmp_path / "other", config, tensors)
     changed, _ = read_gguf(conv.convert_adapter(other, tmp_path / "c.gguf", arch="qwen3"))
     assert changed["deltamem.fingerprint"] != f32["deltamem.fingerprint"]
+
+
+def test_outtype_auto_follows_the_checkpoint_precision(tmp_path):
+    """auto: f16 for a bf16 (or f16) checkpoint, whose values f16 holds; f32 for a float32 one."""
+    import torch
+
+    folder, config, tensors = adapter_dir(tmp_path, "qwen3")
+    _, t_bf16 = read_gguf(conv.convert_adapter(folder, tmp_path / "a.gguf", arch="qwen3"))
+    assert t_bf16["blk.0.dmem_mq.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert t_bf16["blk.0.dmem_do.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    key = "model.layers.0.self_attn.memory_q_proj"
+    np.testing.assert_array_equal(as_f64(t_bf16["blk.0.dmem_mq.weight"]), tensors[key].double().numpy())
+
+    as_f16 = write_adapter(tmp_path / "f16", config, {k: v.to(torch.float16) for k, v in tensors.items()})
+    _, t_f16 = read_gguf(conv.convert_adapter(as_f16, tmp_path / "b.gguf", arch="qwen3"))
+    assert t_f16["blk.0.dmem_mq.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
+    wide = {k: v.float() + (1e-4 * torch.rand(v.shape) if v.ndim == 2 else 0) for k, v in tensors.items()}
+    as_f32 = write_adapter(tmp_path / "f32", config, wide)
+    _, t_f32 = read_gguf(conv.convert_adapter(as_f32, tmp_path / "c.gguf", arch="qwen3"))
+    assert t_f32["blk.0.dmem_mq.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    np.testing.assert_array_equal(as_f64(t_f32["blk.0.dmem_mq.weight"]), wide[key].double().numpy())
+    with pytest.raises(ValueError, match="outtype"):
+        conv.convert_adapter(folder, tmp_path / "d.gguf", arch="qwen3", outtype="q8_0")
 
 
 def test_metadata_of_released_configuration(tmp_path):

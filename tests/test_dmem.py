@@ -33,11 +33,12 @@ def backbone(tiny_checkpoint, tiny_gguf, tiny_reference):
     return get
 
 
-def convert(tmp_path, hf_model, gguf_path, overrides, *, fmt="pt", zero_corrections=False, seed=0):
+def convert(tmp_path, hf_model, gguf_path, overrides, *, fmt="pt", zero_corrections=False, seed=0, outtype="auto"):
+    """A random adapter (bf16 release files, so outtype auto gives f16 matrices) converted to GGUF."""
     config, tensors = make_adapter(hf_model.config, overrides, seed=seed, zero_corrections=zero_corrections)
     folder = write_adapter(tmp_path / "adapter_src", config, tensors, fmt=fmt)
-    out = tmp_path / "adapter.gguf"
-    convert_adapter(folder, out, base=gguf_path)
+    out = tmp_path / f"adapter-{outtype}.gguf"
+    convert_adapter(folder, out, base=gguf_path, outtype=outtype)
     return config, tensors, out
 
 
@@ -56,8 +57,9 @@ def reference_session(hf_model, config, tensors, calls) -> tuple[np.ndarray, np.
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_matches_float64_reference(variant, backbone, tmp_path):
+    """f32 matrices: the engine's arithmetic against the reference's, with nothing rounded between."""
     gguf_path, hf_model, _ = backbone("qwen3")
-    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant])
+    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], outtype="f32")
     calls = session_calls(hf_model.config.vocab_size)
     ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
     bare = bare_logits_session(copy.deepcopy(hf_model), [c["tokens"] for c in calls]).numpy()
@@ -79,12 +81,43 @@ def test_variant_matches_float64_reference(variant, backbone, tmp_path):
 @pytest.mark.parametrize("variant", ["released", "all_heads"])
 def test_other_architectures(arch, variant, backbone, tmp_path):
     gguf_path, hf_model, _ = backbone(arch)
-    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], fmt="safetensors")
+    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], fmt="safetensors", outtype="f32")
     calls = session_calls(hf_model.config.vocab_size)
     ref_logits, _ = reference_session(hf_model, config, tensors, calls)
     with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
         got, _ = engine_session(m, calls)
     assert rel_err(got, ref_logits) <= F32_TOL
+
+
+@pytest.mark.parametrize("variant", ["released", "all_heads", "learned_scale_channel"])
+def test_f16_adapter_matches_float64_reference(variant, backbone, tmp_path):
+    """The default conversion of a bf16 release is f16: released weights (alpha/rank = 2 folds
+    exactly) give the f32 file's logits, decoded through the f16 copies; a learned scale folds
+    with one f16 rounding (2^-12 relative) of the corrections."""
+    gguf_path, hf_model, _ = backbone("qwen3")
+    config, tensors, f16_adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant])
+    _, _, f32_adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], outtype="f32")
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    types = {t.name: t.tensor_type for t in GGUFReader(f16_adapter, "r").tensors}
+    assert types["blk.0.dmem_mq.weight"] == GGMLQuantizationType.F16
+    assert types["blk.0.dmem_do.weight"] == GGMLQuantizationType.F16
+    calls = session_calls(hf_model.config.vocab_size)
+    assert sum(len(c["tokens"]) == 1 for c in calls) >= 3, "single-token decodes read the f16 copies"
+    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
+    with pydeltamem.Model(gguf_path, adapter=f16_adapter, n_ctx=64) as m:
+        got, ctx = engine_session(m, calls)
+        memory = ctx.memory
+    with pydeltamem.Model(gguf_path, adapter=f32_adapter, n_ctx=64) as m:
+        got_f32, _ = engine_session(m, calls)
+    err = rel_err(got, ref_logits)
+    print(f"{variant} f16: rel err {err:.2e} (f32 file {rel_err(got_f32, ref_logits):.2e})")
+    if VARIANTS[variant].get("trainable_delta_scale"):
+        assert err <= 1e-3
+    else:
+        assert rel_err(got, got_f32) <= 1e-6
+        assert err <= F32_TOL
+        np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
 
 
 def test_zero_corrections_reproduce_the_bare_model(backbone, tmp_path):
@@ -110,6 +143,22 @@ def test_portable_scan_matches_fused_kernel(variant, backbone, tmp_path):
         portable, portable_ctx = engine_session(m, calls, dmem_fused=False)
         assert rel_err(portable, fused) <= 1e-5
         np.testing.assert_allclose(portable_ctx.memory, fused_ctx.memory, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["released", "o_rmsnorm"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_last_logits_equal_all_logits(variant, fused, backbone, tmp_path):
+    """logits="last" runs the last layer's residual (with Δo) on the last token only."""
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant])
+    calls = session_calls(hf_model.config.vocab_size)
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        every, last = m.context(kv_type="f32", dmem_fused=fused), m.context(kv_type="f32", dmem_fused=fused)
+        for c in calls:
+            want = every.decode(c["tokens"], logits="all")[-1]
+            got = last.decode(c["tokens"], logits="last")
+            assert rel_err(got, want) <= 1e-5
+        np.testing.assert_array_equal(last.memory, every.memory)
 
 
 def test_chunked_prefill_equals_one_pass(backbone, tmp_path):

@@ -57,7 +57,7 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, max_nodes, false);
     const dm_dmem_plan plan;
     std::optional<dm_dmem_builder> dmem;
-    if (m.adapter) dmem.emplace(dm_dmem_builder{ctx, gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}});
+    if (m.adapter) dmem.emplace(dm_dmem_builder{ctx, gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}, {}});
     dm_graph g = dm_build_forward(ctx, gf, m, kv, worst, dmem ? &*dmem : nullptr);
     const bool ok = ggml_gallocr_reserve(galloc, g.gf);
     ggml_free(ctx);
@@ -137,7 +137,7 @@ const dm_context::cached_graph & dm_context::graph_for(const dm_graph_shape & sh
     const dm_adapter * adapter = model->adapter.get();
     if (adapter) {
         cached.dmem.emplace(dm_dmem_builder{cached.ctx, gf, *adapter, memory, cached.plan, shape.n_tokens,
-                                            params.dmem_fused, {}});
+                                            params.dmem_fused, {}, {}});
     }
     cached.graph = dm_build_forward(cached.ctx, gf, *model, kv, shape, cached.dmem ? &*cached.dmem : nullptr);
     if (!ggml_gallocr_alloc_graph(galloc, gf)) {

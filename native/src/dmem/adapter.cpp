@@ -148,12 +148,15 @@ float * copy_rows_f32(const ggml_tensor * t, float * dst) {
     return dst + n;
 }
 
-// A [D, out] correction matrix as a new [out, D] f32 tensor (created only; filled by fill_transposed).
-ggml_tensor * new_transposed(ggml_context * ctx, const ggml_tensor * t, const char * name, int32_t il) {
-    if (!t) return nullptr;
-    ggml_tensor * tt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, t->ne[1], t->ne[0]);
-    ggml_format_name(tt, "blk.%d.%s", il, name);
-    return tt;
+// Stores f32 values into a packed tensor of type f32 or f16.
+void set_packed(ggml_tensor * dst, const std::vector<float> & values) {
+    if (dst->type == GGML_TYPE_F32) {
+        ggml_backend_tensor_set(dst, values.data(), 0, ggml_nbytes(dst));
+        return;
+    }
+    std::vector<ggml_fp16_t> halves(values.size());
+    ggml_fp32_to_fp16_row(values.data(), halves.data(), static_cast<int64_t>(values.size()));
+    ggml_backend_tensor_set(dst, halves.data(), 0, ggml_nbytes(dst));
 }
 
 void fill_transposed(const ggml_tensor * src, ggml_tensor * dst) {
@@ -164,7 +167,38 @@ void fill_transposed(const ggml_tensor * src, ggml_tensor * dst) {
     for (int64_t o = 0; o < out; ++o) {
         for (int64_t d = 0; d < D; ++d) b[d * out + o] = a[o * D + d];
     }
-    ggml_backend_tensor_set(dst, b.data(), 0, ggml_nbytes(dst));
+    set_packed(dst, b);
+}
+
+bool all_matrices_f16(const dm_adapter & a) {
+    for (const dm_dmem_layer & l : a.layers) {
+        for (const ggml_tensor * t : {l.mq, l.mk, l.mv, l.beta_w, l.lambda_w, l.dq, l.dk, l.dv, l.d_o}) {
+            if (t && t->type != GGML_TYPE_F16) return false;
+        }
+    }
+    return true;
+}
+
+void new_packed(ggml_context * ctx, ggml_type type, const dm_dmem_layer & l, int64_t n_embd, int64_t rows,
+                dm_dmem_packed & p) {
+    const char * suffix = type == GGML_TYPE_F16 ? "_f16" : "";
+    p.w_in = ggml_new_tensor_2d(ctx, type, n_embd, rows);
+    ggml_format_name(p.w_in, "blk.%d.dmem_in%s", l.il, suffix);
+    const struct { const ggml_tensor * src; ggml_tensor ** dst; const char * name; } corrections[] = {
+        {l.dq, &p.dq_t, "dq"}, {l.dk, &p.dk_t, "dk"}, {l.dv, &p.dv_t, "dv"}, {l.d_o, &p.do_t, "do"}};
+    for (const auto & c : corrections) {
+        if (!c.src) continue;
+        *c.dst = ggml_new_tensor_2d(ctx, type, c.src->ne[1], c.src->ne[0]);   // [out, D]
+        ggml_format_name(*c.dst, "blk.%d.dmem_%s_t%s", l.il, c.name, suffix);
+    }
+}
+
+void fill_packed(const dm_dmem_layer & l, const std::vector<float> & w_in, const dm_dmem_packed & p) {
+    set_packed(p.w_in, w_in);
+    fill_transposed(l.dq, p.dq_t);
+    fill_transposed(l.dk, p.dk_t);
+    fill_transposed(l.dv, p.dv_t);
+    fill_transposed(l.d_o, p.do_t);
 }
 
 // Lays the weights out for speed: each layer's input projections stacked into one matrix (and the
@@ -174,18 +208,15 @@ void pack_weights(dm_adapter & a, int64_t n_embd) {
     const dm_dmem_config & c = a.cfg;
     const int64_t n_gates = c.uses_lambda_weights() ? 2 * c.gate_width : c.gate_width;
     const int64_t rows = 3 * c.width() + n_gates;
-    ggml_init_params params = {ggml_tensor_overhead() * (6 * a.layers.size() + 1), nullptr, /*no_alloc =*/ true};
+    ggml_init_params params = {ggml_tensor_overhead() * (11 * a.layers.size() + 1), nullptr, /*no_alloc =*/ true};
     a.packed_ctx = ggml_init(params);
     if (!a.packed_ctx) fail("cannot create the δ-mem weight context");
+    const bool half = all_matrices_f16(a);
     for (dm_dmem_layer & l : a.layers) {
-        l.w_in = ggml_new_tensor_2d(a.packed_ctx, GGML_TYPE_F32, n_embd, rows);
         l.b_in = ggml_new_tensor_1d(a.packed_ctx, GGML_TYPE_F32, n_gates);
-        ggml_format_name(l.w_in, "blk.%d.dmem_in", l.il);
         ggml_format_name(l.b_in, "blk.%d.dmem_in_bias", l.il);
-        l.dq_t = new_transposed(a.packed_ctx, l.dq, "dmem_dq_t", l.il);
-        l.dk_t = new_transposed(a.packed_ctx, l.dk, "dmem_dk_t", l.il);
-        l.dv_t = new_transposed(a.packed_ctx, l.dv, "dmem_dv_t", l.il);
-        l.do_t = new_transposed(a.packed_ctx, l.d_o, "dmem_do_t", l.il);
+        new_packed(a.packed_ctx, GGML_TYPE_F32, l, n_embd, rows, l.f32);
+        if (half) new_packed(a.packed_ctx, GGML_TYPE_F16, l, n_embd, rows, l.f16);
     }
     a.packed_buf = ggml_backend_alloc_ctx_tensors_from_buft(a.packed_ctx, ggml_backend_cpu_buffer_type());
     if (!a.packed_buf) fail("cannot allocate the δ-mem weights");
@@ -198,12 +229,9 @@ void pack_weights(dm_adapter & a, int64_t n_embd) {
         }
         float * bias = copy_rows_f32(l.beta_b, b.data());
         if (l.lambda_b) copy_rows_f32(l.lambda_b, bias);
-        ggml_backend_tensor_set(l.w_in, w.data(), 0, ggml_nbytes(l.w_in));
         ggml_backend_tensor_set(l.b_in, b.data(), 0, ggml_nbytes(l.b_in));
-        fill_transposed(l.dq, l.dq_t);
-        fill_transposed(l.dk, l.dk_t);
-        fill_transposed(l.dv, l.dv_t);
-        fill_transposed(l.d_o, l.do_t);
+        fill_packed(l, w, l.f32);
+        if (half) fill_packed(l, w, l.f16);
     }
 }
 

@@ -32,6 +32,20 @@ struct dm_dmem_config {
     bool uses_lambda_weights() const { return !couple_lambda && update_mode != dm_update_mode::no_lambda; }
 };
 
+// The packed weights of one layer in one precision (dm_dmem_layer), laid out for speed.
+struct dm_dmem_packed {
+    // mq, mk, mv, beta_w (and lambda_w) stacked, so one mat-mul projects everything the scan needs:
+    // rows [0, D) q, [D, 2D) k, [2D, 3D) v, then G β logits, then G λ logits when uncoupled.
+    ggml_tensor * w_in = nullptr;     // [n_embd, 3D + G (+ G)]
+
+    // The W_Δ matrices transposed to [out, D]: a correction is then an outer-product sum over
+    // the D = r·H memory dimensions with long rows, instead of out × n_tokens dot products of length D.
+    ggml_tensor * dq_t = nullptr;
+    ggml_tensor * dk_t = nullptr;
+    ggml_tensor * dv_t = nullptr;
+    ggml_tensor * do_t = nullptr;
+};
+
 // Weights of one targeted layer; the W_Δ matrices already carry every constant scale.
 struct dm_dmem_layer {
     int32_t       il = -1;            // backbone layer index
@@ -48,17 +62,11 @@ struct dm_dmem_layer {
     ggml_tensor * d_o = nullptr;      // [D, n_embd]
     ggml_tensor * do_norm = nullptr;  // [n_embd] (delta_o_rmsnorm only)
 
-    // mq, mk, mv, beta_w (and lambda_w) stacked, so one mat-mul projects everything the scan needs:
-    // rows [0, D) q, [D, 2D) k, [2D, 3D) v, then G β logits, then G λ logits when uncoupled.
-    ggml_tensor * w_in = nullptr;     // [n_embd, 3D + G (+ G)] f32
-    ggml_tensor * b_in = nullptr;     // [G (+ G)] f32, the gate biases
-
-    // The W_Δ matrices transposed to [out, D] f32: a correction is then an outer-product sum over
-    // the D = r·H memory dimensions with long rows, instead of out × n_tokens dot products of length D.
-    ggml_tensor * dq_t = nullptr;
-    ggml_tensor * dk_t = nullptr;
-    ggml_tensor * dv_t = nullptr;
-    ggml_tensor * do_t = nullptr;
+    ggml_tensor *  b_in = nullptr;    // [G (+ G)] f32, the gate biases, in w_in's row order
+    dm_dmem_packed f32;               // for mat-muls over many tokens and the portable ops
+    // The same in f16, only when every matrix of the file is f16 (so it holds the same values):
+    // a single-token pass reads each δ-mem weight once, and half the bytes is what it costs.
+    dm_dmem_packed f16;
 };
 
 struct dm_adapter {
@@ -70,7 +78,7 @@ struct dm_adapter {
     std::vector<std::string>   delta_heads;
     std::unique_ptr<dm_weights_file> file;    // own storage when loaded from a separate file
 
-    ggml_context *        packed_ctx = nullptr;   // w_in / b_in of every layer
+    ggml_context *        packed_ctx = nullptr;   // the packed weights of every layer
     ggml_backend_buffer_t packed_buf = nullptr;
 
     dm_adapter() = default;

@@ -1,6 +1,7 @@
 #include "dmem/dmem_graph.h"
 
 #include "common/error.h"
+#include "dmem/dmem_cpu.h"
 
 #include <ggml-backend.h>
 
@@ -58,8 +59,8 @@ void dm_dmem_builder::set_inputs(const dm_dmem_plan & call_plan) const {
 dm_dmem_builder::projections dm_dmem_builder::project(const dm_dmem_layer & l, ggml_tensor * x) const {
     const int64_t D = adapter.cfg.width(), G = adapter.cfg.gate_width;
     projections p{};
-    p.packed = ggml_mul_mat(ctx, l.w_in, x);   // [3D + G (+ G), n]
-    if (fused) return p;                       // the kernel slices it and adds the gate biases itself
+    p.packed = ggml_mul_mat(ctx, l.f32.w_in, x);   // [3D + G (+ G), n]
+    if (fused_ops) return p;                       // the kernel slices it and adds the gate biases itself
     auto rows = [&](int64_t first, int64_t count) {
         return ggml_cont(ctx, ggml_view_2d(ctx, p.packed, count, p.packed->ne[1], p.packed->nb[1],
                                            static_cast<size_t>(first) * sizeof(float)));
@@ -168,154 +169,70 @@ ggml_tensor * dm_dmem_builder::portable(const projections & p, ggml_tensor * sta
         }
     }
     // Reads of the old state must come before it is overwritten: expand them first.
-    ggml_build_forward_expand(gf, o);
+    ggml_tensor * reads_t = ggml_cont(ctx, ggml_transpose(ctx, o));   // [n_tokens, D]
+    ggml_build_forward_expand(gf, reads_t);
     if (S != state) ggml_build_forward_expand(gf, ggml_cpy(ctx, S, state));
-    return o;
+    return reads_t;
 }
 
-ggml_tensor * dm_dmem_builder::fused_scan(const dm_dmem_layer & l, const projections & p, ggml_tensor * state) const {
-    ggml_tensor * args[] = {p.packed, l.b_in, state, in.plan};
-    ggml_tensor * o = ggml_custom_4d(ctx, GGML_TYPE_F32, adapter.cfg.width(), n_tokens, 1, 1, args, 4,
-                                     dm_dmem_scan_cpu, 1, const_cast<dm_dmem_config *>(&adapter.cfg));
+// Up to this many tokens, the memory op projects x itself: a mat-mul node of its own would cost
+// more in thread synchronisation than the few dot products.
+constexpr int64_t k_few_tokens = 4;
+
+const dm_dmem_packed & dm_dmem_builder::weights(const dm_dmem_layer & l) const {
+    return fused_ops && n_tokens <= k_few_tokens && l.f16.w_in ? l.f16 : l.f32;
+}
+
+dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
+                                                   ggml_tensor * y, ggml_tensor * w_delta_t) {
+    if (!op) op = std::make_shared<dm_memory_op>(adapter.cfg);
+    const int64_t D = adapter.cfg.width();
+    const bool project_inside = n_tokens <= k_few_tokens && ggml_is_contiguous(x);
+    ggml_tensor * w_in = weights(l).w_in;
+    const bool ride = y && ggml_is_contiguous(y);
+    const int64_t y_rows = ride ? y->ne[0] : 0;
+    const int64_t size = n_tokens * D + y_rows * n_tokens + (project_inside ? w_in->ne[1] * n_tokens : 0);
+    ggml_tensor * args[] = {project_inside ? x : project(l, x).packed, l.b_in, state, in.plan,
+                            project_inside ? w_in : nullptr, ride ? y : nullptr, ride ? w_delta_t : nullptr};
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, size, 1, 1, 1, args, 7, dm_memory_op_cpu,
+                                       GGML_N_TASKS_MAX, op.get());
     // The op also writes the state: it must run even where nothing reads o (the last layer of a prefill).
-    ggml_build_forward_expand(gf, o);
-    return o;
+    ggml_build_forward_expand(gf, out);
+    layer_pass r{};
+    r.reads = ggml_view_2d(ctx, out, n_tokens, D, n_tokens * sizeof(float), 0);   // [n_tokens, D]
+    if (ride) {
+        r.corrected = ggml_view_2d(ctx, out, y_rows, n_tokens, y_rows * sizeof(float), n_tokens * D * sizeof(float));
+    } else if (y) {
+        r.corrected = correct(y, w_delta_t, r.reads);
+    }
+    return r;
 }
 
-ggml_tensor * dm_dmem_builder::read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x) {
-    const projections p = project(layer, x);
-    return fused ? fused_scan(layer, p, state) : portable(p, state);
+dm_dmem_builder::layer_pass dm_dmem_builder::read_and_write(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
+                                                            ggml_tensor * y, ggml_tensor * w_delta_t) {
+    if (fused_ops) return fused(l, state, x, y, w_delta_t);
+    layer_pass r{};
+    r.reads = portable(project(l, x), state);
+    if (y) r.corrected = correct(y, w_delta_t, r.reads);
+    return r;
 }
 
-// ---- the fused CPU kernel ------------------------------------------------------------------------
-
-namespace {
-
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
-struct scan_kernel {
-    const dm_dmem_config & c;
-    float * S;   // [H][r][r], rows i (value dims) then columns j (key dims)
-    int32_t r, H, D;
-    std::vector<float> qn, kn, keep, erase, wr;
-
-    scan_kernel(const dm_dmem_config & cfg, float * state)
-        : c(cfg), S(state), r(cfg.rank), H(cfg.n_heads), D(cfg.width()), qn(D), kn(D), keep(D), erase(D), wr(D) {}
-
-    // tanh then L2 per head chunk (x / max(‖x‖, eps)), as ggml_tanh + ggml_l2_norm compute it.
-    void normalize(const float * raw, float * out) const {
-        for (int32_t h = 0; h < H; ++h) {
-            double sum = 0.0;
-            for (int32_t j = 0; j < r; ++j) {
-                const float x = c.normalize_qk ? std::tanh(raw[h * r + j]) : raw[h * r + j];
-                out[h * r + j] = x;
-                sum += static_cast<double>(x) * x;
-            }
-            if (!c.normalize_qk) continue;
-            const float scale = 1.0f / std::fmax(std::sqrt(static_cast<float>(sum)), c.qk_norm_eps);
-            for (int32_t j = 0; j < r; ++j) out[h * r + j] *= scale;
-        }
+ggml_tensor * dm_dmem_builder::correction(ggml_tensor * w_delta_t, ggml_tensor * reads_t, int64_t m) const {
+    if (m < reads_t->ne[0]) {   // the last m rows of [n, D]
+        reads_t = ggml_view_2d(ctx, reads_t, m, reads_t->ne[1], reads_t->nb[1], (reads_t->ne[0] - m) * sizeof(float));
     }
+    // Σ_d W_Δᵀ[:, d] ⊗ o[d, :]: an outer-product sum over the D memory dimensions.
+    return ggml_out_prod(ctx, w_delta_t, reads_t);
+}
 
-    void gates(const float * beta_logit, const float * lambda_logit) {
-        const bool rankwise = c.gate_width == D;
-        for (int32_t h = 0; h < H; ++h) {
-            for (int32_t i = 0; i < r; ++i) {
-                const int32_t g = rankwise ? h * r + i : h;
-                const float b = sigmoid(beta_logit[g]);
-                const float l = c.couple_lambda ? 1.0f - b : sigmoid(lambda_logit[g]);
-                const int32_t row = h * r + i;
-                wr[row] = b;
-                switch (c.update_mode) {
-                    case dm_update_mode::standard:       keep[row] = l;    erase[row] = b;     break;
-                    case dm_update_mode::lambda_outside: keep[row] = l;    erase[row] = l * b; break;
-                    case dm_update_mode::no_lambda:      keep[row] = 1.0f; erase[row] = b;     break;
-                }
-            }
-        }
+ggml_tensor * dm_dmem_builder::correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
+                                       ggml_tensor * residual) const {
+    const bool one_op = fused_ops && ggml_is_contiguous(y) && (!residual || ggml_is_contiguous(residual));
+    if (!one_op) {
+        ggml_tensor * sum = ggml_add(ctx, y, correction(w_delta_t, reads_t, y->ne[1]));
+        return residual ? ggml_add(ctx, residual, sum) : sum;
     }
-
-    void read(float * o) const {
-        for (int32_t h = 0; h < H; ++h) {
-            for (int32_t i = 0; i < r; ++i) {
-                const float * row = S + (static_cast<size_t>(h) * r + i) * r;
-                float acc = 0.0f;
-                for (int32_t j = 0; j < r; ++j) acc += row[j] * qn[h * r + j];
-                o[h * r + i] = acc;
-            }
-        }
-    }
-
-    void write(const float * v) {
-        for (int32_t h = 0; h < H; ++h) {
-            for (int32_t i = 0; i < r; ++i) {
-                float * row = S + (static_cast<size_t>(h) * r + i) * r;
-                const float * k = kn.data() + h * r;
-                float sk = 0.0f;
-                for (int32_t j = 0; j < r; ++j) sk += row[j] * k[j];
-                const int32_t ri = h * r + i;
-                const float u = wr[ri] * v[ri] - erase[ri] * sk;
-                for (int32_t j = 0; j < r; ++j) row[j] = keep[ri] * row[j] + k[j] * u;
-            }
-        }
-    }
-};
-
-} // namespace
-
-void dm_dmem_scan_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    if (ith != 0) return;   // the scan is sequential and tiny: one thread does it
-    const auto & cfg = *static_cast<const dm_dmem_config *>(userdata);
-    const ggml_tensor * proj = dst->src[0];   // [3D + G (+ G), n]: q, k, v, β and λ logits
-    const float * gate_bias = static_cast<const float *>(dst->src[1]->data);
-    const int32_t * plan = static_cast<const int32_t *>(dst->src[3]->data);
-    const int64_t n = dst->ne[1];
-    const int32_t D = cfg.width(), G = cfg.gate_width;
-    const bool has_lambda = dst->src[1]->ne[0] == 2 * G;
-    auto column = [&](int64_t t) { return reinterpret_cast<const float *>(static_cast<const char *>(proj->data) + t * proj->nb[1]); };
-    float * out = static_cast<float *>(dst->data);
-    scan_kernel kr(cfg, static_cast<float *>(dst->src[2]->data));
-    std::vector<float> gate_logits(2 * static_cast<size_t>(G), 0.0f);   // β then λ, with their biases
-    auto set_gates = [&](const float * col) {
-        for (int32_t g = 0; g < G; ++g) gate_logits[g] = col[3 * D + g] + gate_bias[g];
-        for (int32_t g = 0; has_lambda && g < G; ++g) gate_logits[G + g] = col[3 * D + G + g] + gate_bias[G + g];
-        kr.gates(gate_logits.data(), gate_logits.data() + G);
-    };
-
-    if (plan[n] == 0) {   // token writes: read, then write, token by token
-        for (int64_t t = 0; t < n; ++t) {
-            const float * col = column(t);
-            kr.normalize(col, kr.qn.data());
-            kr.read(out + t * D);
-            kr.normalize(col + D, kr.kn.data());
-            set_gates(col);
-            kr.write(col + 2 * D);
-        }
-        return;
-    }
-    for (int64_t t = 0; t < n; ++t) {   // every token reads the start state ...
-        kr.normalize(column(t), kr.qn.data());
-        kr.read(out + t * D);
-    }
-    int32_t n_items = 0;   // ... then each write item, in order, writes the mean of its tokens
-    for (int64_t t = 0; t < n; ++t) n_items = std::max(n_items, plan[t] + 1);
-    // The mean of the projections is the projection of the mean x (they are linear).
-    const int64_t rows = proj->ne[0];
-    std::vector<float> mean(static_cast<size_t>(rows));
-    for (int32_t item = 0; item < n_items; ++item) {
-        std::fill(mean.begin(), mean.end(), 0.0f);
-        int32_t count = 0;
-        for (int64_t t = 0; t < n; ++t) {
-            if (plan[t] != item) continue;
-            ++count;
-            const float * col = column(t);
-            for (int64_t r = 0; r < rows; ++r) mean[r] += col[r];
-        }
-        const float inv = 1.0f / static_cast<float>(std::max(count, 1));
-        for (float & x : mean) x *= inv;
-        kr.normalize(mean.data() + D, kr.kn.data());
-        set_gates(mean.data());
-        kr.write(mean.data() + 2 * D);
-    }
-    (void) nth;
+    ggml_tensor * args[] = {y, w_delta_t, reads_t, residual};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, y->ne[0], y->ne[1], 1, 1, args, residual ? 4 : 3, dm_correct_cpu,
+                          GGML_N_TASKS_MAX, nullptr);
 }

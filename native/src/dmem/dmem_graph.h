@@ -7,7 +7,10 @@
 #include <ggml.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
+
+struct dm_memory_op;
 
 // What the memory does during one pass, decided per call on the host.
 struct dm_dmem_plan {
@@ -37,13 +40,30 @@ struct dm_dmem_builder {
     const dm_memory &    memory;
     const dm_dmem_plan & plan;
     int32_t              n_tokens;
-    bool                 fused;     // the scan as one CPU custom op; portable ops otherwise
+    bool                 fused_ops;   // the memory as CPU custom ops (dmem_cpu); portable ops otherwise
     dm_dmem_inputs       in;
+    std::shared_ptr<dm_memory_op> op; // userdata of the fused memory ops (shared: an incomplete type here)
 
     void make_inputs();
+
+    struct layer_pass {
+        ggml_tensor * reads;       // the reads o transposed, [n_tokens, D]: the corrections' layout
+        ggml_tensor * corrected;   // y + W_Δ o, when a y was given
+    };
     // Runs the memory of one targeted layer on x ([n_embd, n_tokens], the attention input after
-    // its RMSNorm) and updates its state; returns the reads o: [D, n_tokens].
-    ggml_tensor * read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x);
+    // its RMSNorm) and updates its state. A projection y with its W_Δᵀ (or nulls) is corrected
+    // in the same op where the fused ops allow.
+    layer_pass read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x,
+                              ggml_tensor * y, ggml_tensor * w_delta_t);
+    // The layer's packed weights this pass uses: f16 ones (when the adapter has them) for the
+    // few-token passes of the fused ops, f32 otherwise.
+    const dm_dmem_packed & weights(const dm_dmem_layer & l) const;
+    // y + W_Δ o (+ residual) for y [out, m], w_delta_t = W_Δᵀ [out, D] and the reads [n_tokens, D]
+    // of which y holds the last m tokens (m < n_tokens when only the last tokens go on).
+    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
+                          ggml_tensor * residual = nullptr) const;
+    // W_Δ o alone for the last m tokens: [out, m] (portable ops).
+    ggml_tensor * correction(ggml_tensor * w_delta_t, ggml_tensor * reads_t, int64_t m) const;
     // Host data of the inputs (once allocated) for a plan of the same shape as the built one.
     void set_inputs(const dm_dmem_plan & call_plan) const;
 
@@ -64,8 +84,7 @@ private:
     ggml_tensor * read(ggml_tensor * S, ggml_tensor * q_col) const;     // -> [D, 1]
     ggml_tensor * write(ggml_tensor * S, ggml_tensor * k_col, ggml_tensor * v_col, const gates & g) const;
     ggml_tensor * portable(const projections & p, ggml_tensor * state);
-    ggml_tensor * fused_scan(const dm_dmem_layer & l, const projections & p, ggml_tensor * state) const;
+    layer_pass    fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x, ggml_tensor * y,
+                        ggml_tensor * w_delta_t);
 };
 
-// Reference CPU kernel of the scan (the fused custom op), exposed for tests of the portable path.
-void dm_dmem_scan_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);

@@ -49,21 +49,26 @@ struct forward_builder {
         return ggml_permute(ctx, view, 0, 2, 1, 3);
     }
 
-    // Self-attention of layer il on normalised input x: [n_embd, n_tokens] -> [n_embd, n_tokens].
-    ggml_tensor * attention(int il, ggml_tensor * x) {
+    // Self-attention of layer il on normalised input x: [n_embd, n_tokens] -> [n_embd, n_tokens],
+    // before Δo (add_attention applies it); the δ-mem reads [n_tokens, D] go to *reads.
+    ggml_tensor * attention(int il, ggml_tensor * x, ggml_tensor ** reads_out) {
         const dm_layer & l = model.layers[il];
         const int64_t n_tokens = shape.n_tokens;
 
         // δ-mem reads the memory from the same normalised input; its corrections go in
         // before q/k-norm and RoPE (Δq, Δk, Δv) and after the output projection (Δo).
-        const dm_dmem_layer * dl = dmem ? model.adapter->for_layer(il) : nullptr;
-        ggml_tensor * mem = dl ? dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x)
-                               : nullptr;   // [D, n_tokens]
-
-        ggml_tensor * mem_t = mem ? ggml_cont(ctx, ggml_transpose(ctx, mem)) : nullptr;   // [n_tokens, D]
-        ggml_tensor * q = correct(linear(l.wq, x, l.bq), dl ? dl->dq_t : nullptr, mem_t);   // [n_embd_q,  n_tokens]
-        ggml_tensor * k = correct(linear(l.wk, x, l.bk), dl ? dl->dk_t : nullptr, mem_t);   // [n_embd_kv, n_tokens]
-        ggml_tensor * v = correct(linear(l.wv, x, l.bv), dl ? dl->dv_t : nullptr, mem_t);   // [n_embd_v_gqa, n_tokens]
+        const dm_dmem_layer * dl = dmem_layer(il);
+        const dm_dmem_packed * dw = dl ? &dmem->weights(*dl) : nullptr;
+        ggml_tensor * q = linear(l.wq, x, l.bq);   // [n_embd_q, n_tokens]
+        ggml_tensor * reads = nullptr;             // [n_tokens, D]
+        if (dl) {   // Δq, when q is a delta head, is applied by the memory op itself
+            const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x,
+                                                   dw->dq_t ? q : nullptr, dw->dq_t);
+            reads = pass.reads;
+            if (pass.corrected) q = pass.corrected;
+        }
+        ggml_tensor * k = correct(linear(l.wk, x, l.bk), dw ? dw->dk_t : nullptr, reads);   // [n_embd_kv, n_tokens]
+        ggml_tensor * v = correct(linear(l.wv, x, l.bv), dw ? dw->dv_t : nullptr, reads);   // [n_embd_v_gqa, n_tokens]
 
         q = ggml_reshape_3d(ctx, q, hp.head_dim_k, hp.n_head, n_tokens);
         k = ggml_reshape_3d(ctx, k, hp.head_dim_k, hp.n_head_kv, n_tokens);
@@ -85,19 +90,27 @@ struct forward_builder {
         ggml_flash_attn_ext_set_prec(att, GGML_PREC_F32);
         att = ggml_reshape_2d(ctx, att, hp.n_embd_o(), n_tokens);   // [n_embd_o, n_tokens]
 
-        ggml_tensor * out = linear(l.wo, att, l.bo);   // [n_embd, n_tokens]
-        if (dl && dl->do_t) {
-            ggml_tensor * d = ggml_out_prod(ctx, dl->do_t, mem_t);
-            if (dl->do_norm) d = ggml_mul(ctx, ggml_rms_norm(ctx, d, model.adapter->cfg.delta_o_rmsnorm_eps), dl->do_norm);
-            out = ggml_add(ctx, out, d);
-        }
-        return out;
+        *reads_out = reads;
+        return linear(l.wo, att, l.bo);   // [n_embd, n_tokens]
     }
 
-    // y + W_Δ o, the low-rank correction of one projection (scales are folded into W_Δ):
-    // w_delta_t [out, D] and mem_t [n_tokens, D] give Σ_d w[:, d] ⊗ o[d, :] = [out, n_tokens].
-    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * mem_t) const {
-        return w_delta_t ? ggml_add(ctx, y, ggml_out_prod(ctx, w_delta_t, mem_t)) : y;
+    const dm_dmem_layer * dmem_layer(int il) const { return dmem ? model.adapter->for_layer(il) : nullptr; }
+
+    // h + the attention output + Δo (when o is a delta head): one op in the fused path. The
+    // attention output may hold only the last of the pass's tokens (then h does too).
+    ggml_tensor * add_attention(int il, ggml_tensor * h, ggml_tensor * attn_out, ggml_tensor * reads) const {
+        const dm_dmem_layer * dl = dmem_layer(il);
+        ggml_tensor * w = dl ? dmem->weights(*dl).do_t : nullptr;   // W_Δoᵀ
+        if (!w) return ggml_add(ctx, h, attn_out);
+        if (!dl->do_norm) return dmem->correct(attn_out, w, reads, h);
+        ggml_tensor * d = dmem->correction(w, reads, attn_out->ne[1]);   // [n_embd, m]
+        d = ggml_mul(ctx, ggml_rms_norm(ctx, d, model.adapter->cfg.delta_o_rmsnorm_eps), dl->do_norm);
+        return ggml_add(ctx, ggml_add(ctx, h, attn_out), d);
+    }
+
+    // y + W_Δ o, the low-rank correction of one projection (scales are folded into W_Δ).
+    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads) const {
+        return w_delta_t ? dmem->correct(y, w_delta_t, reads) : y;
     }
 
     ggml_tensor * feed_forward(int il, ggml_tensor * x) const {
@@ -132,12 +145,13 @@ struct forward_builder {
         const bool last_only = shape.n_outputs == 1 && shape.n_tokens > 1;
         ggml_tensor * h = ggml_get_rows(ctx, model.tok_embd, in.tokens);   // [n_embd, n_tokens]
         for (int il = 0; il < hp.n_layer; ++il) {
-            ggml_tensor * attn_out = attention(il, rms_norm(h, model.layers[il].attn_norm));
+            ggml_tensor * reads = nullptr;
+            ggml_tensor * attn_out = attention(il, rms_norm(h, model.layers[il].attn_norm), &reads);
             if (last_only && il == hp.n_layer - 1) {
                 attn_out = last_column(attn_out);
                 h = last_column(h);
             }
-            h = ggml_add(ctx, h, attn_out);
+            h = add_attention(il, h, attn_out, reads);
             h = ggml_add(ctx, h, feed_forward(il, rms_norm(h, model.layers[il].ffn_norm)));
         }
 

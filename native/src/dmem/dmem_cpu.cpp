@@ -1,0 +1,252 @@
+#include "dmem/dmem_cpu.h"
+
+#include "dmem/dmem_vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+const float * column(const ggml_tensor * t, int64_t i) {
+    return reinterpret_cast<const float *>(static_cast<const char *>(t->data) + i * t->nb[1]);
+}
+
+// The rows [first, last) of `rows` that thread ith of nth works on, whole 64-byte lines each so
+// that no two threads write the same cache line.
+struct row_range {
+    int64_t first, last;
+    row_range(int64_t rows, int ith, int nth) {
+        constexpr int64_t line = 16;   // floats
+        const int64_t per_thread = ((rows + nth - 1) / nth + line - 1) / line * line;
+        first = std::min(rows, ith * per_thread);
+        last = std::min(rows, first + per_thread);
+    }
+};
+
+// out[:, t] = y[:, t] (+ residual[:, t]) + Σ_d W_Δᵀ[:, d] o_t[d] on the rows [first, last), for
+// the n columns of y, o_t[d] = reads[t + d * stride].
+void add_correction(const ggml_tensor * y, const ggml_tensor * residual, const ggml_tensor * w, const float * reads,
+                    int64_t stride, float * out, size_t out_nb1, int64_t first, int64_t last) {
+    const int64_t D = w->ne[1], n = y->ne[1], len = last - first;
+    if (len <= 0) return;
+    const size_t elt = ggml_type_size(w->type);
+    for (int64_t t = 0; t < n; ++t) {
+        const float * src = column(y, t) + first;
+        float * dst = reinterpret_cast<float *>(reinterpret_cast<char *>(out) + t * out_nb1) + first;
+        std::copy(src, src + len, dst);
+        if (residual) {
+            const float * res = column(residual, t) + first;
+            for (int64_t i = 0; i < len; ++i) dst[i] += res[i];
+        }
+        for (int64_t d = 0; d < D; ++d) {
+            const char * col = static_cast<const char *>(w->data) + d * w->nb[1] + first * elt;
+            dm_vec_mad(dst, reads[t + d * stride], col, w->type, len);
+        }
+    }
+}
+
+// The read-before-write recurrence of one pass, on one thread.
+struct scan_kernel {
+    const dm_dmem_config & c;
+    float * S;   // [H][r][r], rows i (value dims) then columns j (key dims)
+    int32_t r, H, D, G;
+    float * qn, * kn, * keep, * erase, * wr, * gate_logits;   // D each, gate_logits 2G
+
+    scan_kernel(const dm_dmem_config & cfg, float * state, std::vector<float> & scratch)
+        : c(cfg), S(state), r(cfg.rank), H(cfg.n_heads), D(cfg.width()), G(cfg.gate_width) {
+        scratch.resize(5 * static_cast<size_t>(D) + 2 * static_cast<size_t>(G));
+        float * p = scratch.data();
+        for (float ** v : {&qn, &kn, &keep, &erase, &wr}) {
+            *v = p;
+            p += D;
+        }
+        gate_logits = p;
+    }
+
+    // tanh then L2 per head chunk (x / max(‖x‖, eps)), as ggml_tanh + ggml_l2_norm compute it.
+    void normalize(const float * raw, float * out) const {
+        for (int32_t h = 0; h < H; ++h) {
+            double sum = 0.0;
+            for (int32_t j = 0; j < r; ++j) {
+                const float x = c.normalize_qk ? std::tanh(raw[h * r + j]) : raw[h * r + j];
+                out[h * r + j] = x;
+                sum += static_cast<double>(x) * x;
+            }
+            if (!c.normalize_qk) continue;
+            const float scale = 1.0f / std::fmax(std::sqrt(static_cast<float>(sum)), c.qk_norm_eps);
+            for (int32_t j = 0; j < r; ++j) out[h * r + j] *= scale;
+        }
+    }
+
+    // β (and λ) logits of a projection column plus their biases -> the write, erase and keep gates.
+    void gates(const float * col, const float * bias, bool has_lambda) {
+        for (int32_t g = 0; g < G; ++g) gate_logits[g] = col[3 * D + g] + bias[g];
+        for (int32_t g = 0; has_lambda && g < G; ++g) gate_logits[G + g] = col[3 * D + G + g] + bias[G + g];
+        const bool rankwise = G == D;
+        for (int32_t h = 0; h < H; ++h) {
+            for (int32_t i = 0; i < r; ++i) {
+                const int32_t g = rankwise ? h * r + i : h;
+                const float b = sigmoid(gate_logits[g]);
+                const float l = c.couple_lambda ? 1.0f - b : sigmoid(gate_logits[G + g]);
+                const int32_t row = h * r + i;
+                wr[row] = b;
+                switch (c.update_mode) {
+                    case dm_update_mode::standard:       keep[row] = l;    erase[row] = b;     break;
+                    case dm_update_mode::lambda_outside: keep[row] = l;    erase[row] = l * b; break;
+                    case dm_update_mode::no_lambda:      keep[row] = 1.0f; erase[row] = b;     break;
+                }
+            }
+        }
+    }
+
+    // o[d * stride] for the D read dimensions d.
+    void read(float * o, int64_t stride) const {
+        for (int32_t h = 0; h < H; ++h) {
+            for (int32_t i = 0; i < r; ++i) {
+                const float * row = S + (static_cast<size_t>(h) * r + i) * r;
+                float acc = 0.0f;
+                for (int32_t j = 0; j < r; ++j) acc += row[j] * qn[h * r + j];
+                o[(h * r + i) * stride] = acc;
+            }
+        }
+    }
+
+    void write(const float * v) {
+        for (int32_t h = 0; h < H; ++h) {
+            for (int32_t i = 0; i < r; ++i) {
+                float * row = S + (static_cast<size_t>(h) * r + i) * r;
+                const float * k = kn + h * r;
+                float sk = 0.0f;
+                for (int32_t j = 0; j < r; ++j) sk += row[j] * k[j];
+                const int32_t ri = h * r + i;
+                const float u = wr[ri] * v[ri] - erase[ri] * sk;
+                for (int32_t j = 0; j < r; ++j) row[j] = keep[ri] * row[j] + k[j] * u;
+            }
+        }
+    }
+};
+
+// The projections of token t: column t of the rows x n matrix at proj (columns `stride` floats apart).
+struct projections {
+    const float * data;
+    int64_t rows, stride;
+    const float * col(int64_t t) const { return data + t * stride; }
+};
+
+// Reads into reads[t + d n] and writes the state, as the plan says (plan[n] = 0: token writes;
+// 1: every token reads the start state, then each write item writes the mean of its tokens).
+void scan(scan_kernel & kr, const projections & p, int64_t n, const float * gate_bias, bool has_lambda,
+          const int32_t * plan, float * reads) {
+    const int32_t D = kr.D;
+    if (plan[n] == 0) {
+        for (int64_t t = 0; t < n; ++t) {
+            const float * col = p.col(t);
+            kr.normalize(col, kr.qn);
+            kr.read(reads + t, n);
+            kr.normalize(col + D, kr.kn);
+            kr.gates(col, gate_bias, has_lambda);
+            kr.write(col + 2 * D);
+        }
+        return;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+        kr.normalize(p.col(t), kr.qn);
+        kr.read(reads + t, n);
+    }
+    int32_t n_items = 0;
+    for (int64_t t = 0; t < n; ++t) n_items = std::max(n_items, plan[t] + 1);
+    // The mean of the projections is the projection of the mean x (they are linear).
+    std::vector<float> mean(static_cast<size_t>(p.rows));
+    for (int32_t item = 0; item < n_items; ++item) {
+        std::fill(mean.begin(), mean.end(), 0.0f);
+        int32_t count = 0;
+        for (int64_t t = 0; t < n; ++t) {
+            if (plan[t] != item) continue;
+            ++count;
+            const float * col = p.col(t);
+            for (int64_t i = 0; i < p.rows; ++i) mean[i] += col[i];
+        }
+        const float inv = 1.0f / static_cast<float>(std::max(count, 1));
+        for (float & x : mean) x *= inv;
+        kr.normalize(mean.data() + D, kr.kn);
+        kr.gates(mean.data(), gate_bias, has_lambda);
+        kr.write(mean.data() + 2 * D);
+    }
+}
+
+} // namespace
+
+void dm_spin_barrier::wait(int nth) {
+    if (nth <= 1) return;
+    const uint32_t gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
+        arrived.store(0, std::memory_order_relaxed);
+        generation.fetch_add(1, std::memory_order_release);
+        return;
+    }
+    while (generation.load(std::memory_order_acquire) == gen) cpu_relax();
+}
+
+dm_memory_op::dm_memory_op(const dm_dmem_config & c) : cfg(&c) {}
+
+void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    auto & op = *static_cast<dm_memory_op *>(userdata);
+    const dm_dmem_config & cfg = *op.cfg;
+    const ggml_tensor * in = dst->src[0];
+    const ggml_tensor * bias = dst->src[1];
+    const ggml_tensor * w_in = dst->src[4];
+    const ggml_tensor * y = dst->src[5];
+    const int64_t n = in->ne[1], D = cfg.width();
+    float * reads = static_cast<float *>(dst->data);                  // [n, D]
+    float * corrected = reads + n * D;                                // [rows of y, n]
+    const int64_t y_rows = y ? y->ne[0] : 0;
+
+    projections p{};
+    if (w_in) {   // few tokens: the projection is cheaper here than as a node of its own
+        const int64_t rows = w_in->ne[1];
+        float * out = corrected + y_rows * n;                         // [rows, n]
+        const int64_t per_thread = (rows + nth - 1) / nth;
+        const int64_t first = std::min(rows, ith * per_thread), last = std::min(rows, first + per_thread);
+        for (int64_t i = first; i < last; ++i) {
+            const char * w = static_cast<const char *>(w_in->data) + i * w_in->nb[1];
+            for (int64_t t = 0; t < n; ++t) out[t * rows + i] = dm_vec_dot(w, w_in->type, column(in, t), in->ne[0]);
+        }
+        op.barrier.wait(nth);
+        p = {out, rows, rows};
+    } else {
+        p = {column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
+    }
+
+    if (ith == 0) {   // the scan is sequential and tiny: one thread does it
+        scan_kernel kr(cfg, static_cast<float *>(dst->src[2]->data), op.scratch);
+        scan(kr, p, n, static_cast<const float *>(bias->data), bias->ne[0] == 2 * cfg.gate_width,
+             static_cast<const int32_t *>(dst->src[3]->data), reads);
+    }
+    if (!y) return;
+    op.barrier.wait(nth);
+    const row_range r(y_rows, ith, nth);
+    add_correction(y, nullptr, dst->src[6], reads, n, corrected, static_cast<size_t>(y_rows) * sizeof(float), r.first, r.last);
+}
+
+void dm_correct_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
+    const ggml_tensor * reads = dst->src[2];   // [n, D]; y has the last m <= n of those tokens
+    const int64_t n = reads->ne[0], m = dst->ne[1];
+    const row_range r(dst->ne[0], ith, nth);
+    add_correction(dst->src[0], dst->src[3], dst->src[1], static_cast<const float *>(reads->data) + (n - m), n,
+                   static_cast<float *>(dst->data), dst->nb[1], r.first, r.last);
+}

@@ -1,0 +1,126 @@
+#include "dmem/dmem_vec.h"
+
+#include <ggml-cpu.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DM_VEC_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---- portable kernels --------------------------------------------------------------------------
+
+// f16 rows go through f32 in chunks of this many elements.
+constexpr int64_t k_chunk = 64;
+
+float dot_f32(const float * w, const float * x, int64_t n) {
+    float acc[8] = {};   // eight partial sums, which compilers vectorise without reassociating
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; ++j) acc[j] += w[i + j] * x[i + j];
+    }
+    for (; i < n; ++i) acc[0] += w[i] * x[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+void mad_f32(float * y, float a, const float * w, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] += a * w[i];
+}
+
+float dot_f16(const ggml_fp16_t * w, const float * x, int64_t n) {
+    float buf[k_chunk];
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i += k_chunk) {
+        const int64_t len = std::min(k_chunk, n - i);
+        ggml_cpu_fp16_to_fp32(w + i, buf, len);
+        sum += dot_f32(buf, x + i, len);
+    }
+    return sum;
+}
+
+void mad_f16(float * y, float a, const ggml_fp16_t * w, int64_t n) {
+    float buf[k_chunk];
+    for (int64_t i = 0; i < n; i += k_chunk) {
+        const int64_t len = std::min(k_chunk, n - i);
+        ggml_cpu_fp16_to_fp32(w + i, buf, len);
+        mad_f32(y + i, a, buf, len);
+    }
+}
+
+// ---- x86-64 with AVX2, FMA and F16C ------------------------------------------------------------
+
+#ifdef DM_VEC_X86
+#define DM_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+DM_AVX2 __m256 load8(const float * p) { return _mm256_loadu_ps(p); }
+DM_AVX2 __m256 load8(const ggml_fp16_t * p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+}
+DM_AVX2 float load1(const float * p) { return *p; }
+DM_AVX2 float load1(const ggml_fp16_t * p) { return _cvtsh_ss(*p); }
+
+template <typename T>
+DM_AVX2 float dot_avx2(const T * w, const float * x, int64_t n) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(load8(w + i + 8 * j), load8(x + i + 8 * j), acc[j]);
+    }
+    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(load8(w + i), load8(x + i), acc[0]);
+    const __m256 s8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    float sum = _mm_cvtss_f32(s4);
+    for (; i < n; ++i) sum += load1(w + i) * x[i];
+    return sum;
+}
+
+template <typename T>
+DM_AVX2 void mad_avx2(float * y, float a, const T * w, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(w + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += a * load1(w + i);
+}
+
+bool has_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c");
+    return yes;
+}
+#endif
+
+} // namespace
+
+float dm_vec_dot(const void * w, ggml_type type, const float * x, int64_t n) {
+    const bool half = type == GGML_TYPE_F16;
+#ifdef DM_VEC_X86
+    if (has_avx2()) {
+        return half ? dot_avx2(static_cast<const ggml_fp16_t *>(w), x, n) : dot_avx2(static_cast<const float *>(w), x, n);
+    }
+#endif
+    return half ? dot_f16(static_cast<const ggml_fp16_t *>(w), x, n) : dot_f32(static_cast<const float *>(w), x, n);
+}
+
+void dm_vec_mad(float * y, float a, const void * w, ggml_type type, int64_t n) {
+    const bool half = type == GGML_TYPE_F16;
+#ifdef DM_VEC_X86
+    if (has_avx2()) {
+        if (half) {
+            mad_avx2(y, a, static_cast<const ggml_fp16_t *>(w), n);
+        } else {
+            mad_avx2(y, a, static_cast<const float *>(w), n);
+        }
+        return;
+    }
+#endif
+    if (half) {
+        mad_f16(y, a, static_cast<const ggml_fp16_t *>(w), n);
+    } else {
+        mad_f32(y, a, static_cast<const float *>(w), n);
+    }
+}
