@@ -11,9 +11,10 @@ its own fresh process, in an order that rotates round by round:
 
 Each worker: load, warm up (one pp of the full prompt, one tg token), then pp (one decode of `pp`
 tokens from an empty cache, logits of the last token) and tg (`tg` decodes of one token each from an
-empty cache), and reports tokens/s, per-token times and peak RSS (getrusage). The report gives the
+empty cache), and reports tokens/s, per-token times and peak RSS (VmHWM). The report gives the
 median over runs, max/min of tg over runs (stability), and medians of per-round ratios (not ratios of
-medians): ours+dmem/ours (δ-mem overhead), ours+dmem/llama.cpp, ours/llama.cpp.
+medians): ours+dmem/ours (δ-mem overhead), ours+dmem/llama.cpp, ours/llama.cpp — for tg also the
+ratio of each run's median per-token time, which load bursts on a shared machine hardly move.
 """
 from __future__ import annotations
 
@@ -174,6 +175,7 @@ def summarize(rounds: list[dict[str, dict]], names: list[str], baseline_llama: s
             "tg_tps_runs": [round(x, 2) for x in tg],
             "tg_max_over_min": (max(tg) / min(tg)) if tg else None,
             "tg_token_ms_median": _median(per_token),
+            "tg_token_ms_runs": [round(x, 4) for x in per_token],
             "maxrss_mib": (max(r["maxrss_kb"] for r in rs) / 1024) if rs else None,
             "load_s_median": _median([r.get("load_s") for r in rs]),
         }
@@ -188,6 +190,11 @@ def summarize(rounds: list[dict[str, dict]], names: list[str], baseline_llama: s
             vals = [r[a][metric] / r[b][metric] for r in rounds
                     if a in r and b in r and metric in r[a] and metric in r[b]]
             out["ratios"][f"{a} / {b} {metric[:2]}"] = {"median": _median(vals), "runs": [round(v, 4) for v in vals]}
+        # Speed from each run's median per-token time: a burst of load on a shared machine moves
+        # a run's total but hardly its median token.
+        vals = [statistics.median(r[b]["tg_token_ms"]) / statistics.median(r[a]["tg_token_ms"]) for r in rounds
+                if a in r and b in r and r[a].get("tg_token_ms") and r[b].get("tg_token_ms")]
+        out["ratios"][f"{a} / {b} tg-token"] = {"median": _median(vals), "runs": [round(v, 4) for v in vals]}
 
     ratio(DMEM, OURS)
     for name in names:
@@ -278,7 +285,7 @@ def format_table(report: dict) -> str:
                          f"{_fmt(c['tg_tps_median'], '.2f')} | {_fmt(c['tg_max_over_min'], '.2f')} | "
                          f"{_fmt(c['maxrss_mib'], '.0f')} | {c['runs_ok']} |")
     lines += ["", "Medians of per-round ratios:", "",
-              "| model | threads | ratio | pp | tg |", "|---|---:|---|---:|---:|"]
+              "| model | threads | ratio | pp | tg | tg (median token) |", "|---|---:|---|---:|---:|---:|"]
     for res in report["results"]:
         pairs = {}
         for key, val in res["ratios"].items():
@@ -286,7 +293,7 @@ def format_table(report: dict) -> str:
             pairs.setdefault(pair, {})[metric] = val["median"]
         for pair, vals in pairs.items():
             lines.append(f"| {res['model']} | {res['threads']} | {pair} | {_fmt(vals.get('pp'), '.3f')} | "
-                         f"{_fmt(vals.get('tg'), '.3f')} |")
+                         f"{_fmt(vals.get('tg'), '.3f')} | {_fmt(vals.get('tg-token'), '.3f')} |")
     return "\n".join(lines)
 
 

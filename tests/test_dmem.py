@@ -7,6 +7,7 @@ Every adapter has all weights non-zero, is written in the reference release form
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -159,6 +160,33 @@ def test_last_logits_equal_all_logits(variant, fused, backbone, tmp_path):
             got = last.decode(c["tokens"], logits="last")
             assert rel_err(got, want) <= 1e-5
         np.testing.assert_array_equal(last.memory, every.memory)
+
+
+def test_portable_vector_kernels_match(backbone, tmp_path):
+    """DELTAMEM_NO_AVX2=1 (what CPUs without AVX2 run) gives the same session as the default kernels."""
+    import json
+    import subprocess
+    import sys
+
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["all_heads"])
+    calls = session_calls(hf_model.config.vocab_size)
+    script = (
+        "import json, sys, numpy as np, pydeltamem\n"
+        "calls = json.load(open(sys.argv[3]))\n"
+        "with pydeltamem.Model(sys.argv[1], adapter=sys.argv[2], n_ctx=64) as m:\n"
+        "    c = m.context(kv_type='f32')\n"
+        "    out = np.concatenate([c.decode(k['tokens'], logits='all', write=k['write']) for k in calls])\n"
+        "    np.save(sys.argv[4], out)\n"
+    )
+    (tmp_path / "calls.json").write_text(json.dumps(calls))
+    runs = {}
+    for name, env in (("default", {}), ("portable", {"DELTAMEM_NO_AVX2": "1"})):
+        out = tmp_path / f"{name}.npy"
+        subprocess.run([sys.executable, "-c", script, str(gguf_path), str(adapter), str(tmp_path / "calls.json"), str(out)],
+                       check=True, env={**os.environ, **env})
+        runs[name] = np.load(out)
+    assert rel_err(runs["portable"], runs["default"]) <= 1e-5
 
 
 def test_chunked_prefill_equals_one_pass(backbone, tmp_path):

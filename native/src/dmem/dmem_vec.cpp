@@ -3,6 +3,7 @@
 #include <ggml-cpu.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DM_VEC_X86 1
@@ -87,9 +88,10 @@ DM_AVX2 void mad_avx2(float * y, float a, const T * w, int64_t n) {
     for (; i < n; ++i) y[i] += a * load1(w + i);
 }
 
+// DELTAMEM_NO_AVX2=1 takes the portable kernels (as on CPUs without AVX2), for comparisons.
 bool has_avx2() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("f16c");
+                            __builtin_cpu_supports("f16c") && !std::getenv("DELTAMEM_NO_AVX2");
     return yes;
 }
 #endif

@@ -1,5 +1,6 @@
 // Vector kernels of δ-mem's CPU ops over weight rows stored as f32 or f16, with an AVX2/FMA/F16C
-// path chosen at run time on x86-64 (the library itself is built for the baseline instruction set).
+// path chosen at run time on x86-64 (the library itself is built for the baseline instruction set;
+// DELTAMEM_NO_AVX2=1 in the environment keeps to the portable kernels).
 #pragma once
 
 #include <ggml.h>
