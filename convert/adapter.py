@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import replacing
+from ..gguf_io import copy_metadata, write_gguf
 from ._torch_pickle import load_torch_checkpoint
 
 CONFIG_FILE = "delta_mem_config.json"
@@ -734,43 +734,6 @@ def _add_metadata(writer, items) -> None:
             raise AssertionError(kind)
 
 
-def _copy_model_gguf(writer, reader) -> None:
-    """Copy every key (but the reader's pseudo-keys and the architecture, which the writer
-    sets itself) and every tensor of a model GGUF into `writer`."""
-    from gguf import GGUFValueType
-
-    for key, field_ in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        main_type = field_.types[0]
-        if main_type == GGUFValueType.ARRAY:
-            if len(field_.types) != 2:
-                raise ValueError(f"model key {key!r}: nested arrays are not supported by --pack")
-            writer.add_key_value(key, field_.contents(), main_type, sub_type=field_.types[-1])
-        else:
-            writer.add_key_value(key, field_.contents(), main_type)
-        if key == "general.alignment":
-            writer.data_alignment = int(field_.contents())
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-
-
-def _write_gguf_atomically(out_path: Path, arch: str, fill) -> None:
-    """Write through a temp file in the destination folder, renamed over `out_path` only
-    once complete: a crash leaves any previous file intact."""
-    from gguf import GGUFWriter
-
-    with replacing(out_path) as tmp:
-        writer = GGUFWriter(tmp, arch)
-        try:
-            fill(writer)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-
-
 # ---------------------------------------------------------------------------------------
 # The conversion
 # ---------------------------------------------------------------------------------------
@@ -885,19 +848,23 @@ def convert_adapter(
     tensors = [t for i in cfg.target_layers for t in layer_output_tensors(i, layers[i], cfg, widths, outtype, backbone, target_arch)]
     metadata = adapter_metadata(cfg, widths, block_count, target_arch, fp)
 
-    def fill(writer) -> None:
-        if pack is not None:
-            from gguf import GGUFReader
+    from gguf import GGUFReader, GGUFWriter
 
-            _copy_model_gguf(writer, GGUFReader(pack, "r"))
-        else:
-            writer.add_type("adapter")
-            writer.add_name(Path(adapter_dir).resolve().name)
-        _add_metadata(writer, metadata)
-        for t in tensors:
-            writer.add_tensor(t.name, np.ascontiguousarray(t.data))
-
-    _write_gguf_atomically(out_path, target_arch, fill)
+    writer = GGUFWriter(None, target_arch)
+    # (name, array, ggml type or None): a packed model's tensors first, unchanged, then the adapter's.
+    out_tensors: list[tuple[str, np.ndarray, object]] = []
+    if pack is not None:
+        model = GGUFReader(pack, "r")
+        copy_metadata(writer, model, skip=("general.architecture",))   # the writer sets it itself
+        out_tensors += [(t.name, t.data, t.tensor_type) for t in model.tensors]
+    else:
+        writer.add_type("adapter")
+        writer.add_name(Path(adapter_dir).resolve().name)
+    _add_metadata(writer, metadata)
+    out_tensors += [(t.name, np.ascontiguousarray(t.data), None) for t in tensors]
+    for name, data, raw_dtype in out_tensors:
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw_dtype)
+    write_gguf(writer, out_path, lambda: [writer.write_tensor_data(data) for _, data, _ in out_tensors])
     return out_path
 
 

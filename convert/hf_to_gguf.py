@@ -29,7 +29,7 @@ import gguf
 import numpy as np
 
 from .. import quantize as _quantize
-from ..atomic import write_gguf
+from ..gguf_io import write_gguf
 from ._hf_tokenizer import read_tokenizer
 from ._safetensors import SafetensorsCheckpoint
 

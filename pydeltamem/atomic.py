@@ -8,7 +8,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -35,16 +35,3 @@ def write_bytes(path: str | os.PathLike, chunks: list[bytes]) -> None:
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_gguf(writer, path: str | os.PathLike, write_tensors: Callable[[], None]) -> None:
-    """Writes a gguf-py GGUFWriter's header, metadata and tensor infos to path, then lets
-    write_tensors() stream the tensor data (writer.write_tensor_data), atomically."""
-    with replacing(path) as tmp:
-        try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            write_tensors()
-        finally:
-            writer.close()

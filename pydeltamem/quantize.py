@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_gguf
+from .gguf_io import copy_metadata, write_gguf
 
 import gguf
 import numpy as np
@@ -291,18 +291,7 @@ _SET_BY_US = ("general.architecture", "general.file_type", "general.quantization
 
 
 def _copy_metadata(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, mix: Mix) -> None:
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in _SET_BY_US:
-            continue
-        main_type = f.types[0]
-        if main_type == gguf.GGUFValueType.ARRAY:
-            if len(f.types) != 2:
-                raise ValueError(f"metadata key {key!r}: nested arrays are not supported")
-            writer.add_key_value(key, f.contents(), main_type, sub_type=f.types[-1])
-        else:
-            writer.add_key_value(key, f.contents(), main_type)
-        if key == "general.alignment":
-            writer.data_alignment = int(f.contents())
+    copy_metadata(writer, reader, skip=_SET_BY_US)
     writer.add_file_type(int(mix.file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
