@@ -159,16 +159,26 @@ void set_packed(ggml_tensor * dst, const std::vector<float> & values) {
     ggml_backend_tensor_set(dst, halves.data(), 0, ggml_nbytes(dst));
 }
 
-void fill_transposed(const ggml_tensor * src, ggml_tensor * dst) {
-    if (!src) return;
+// A [D, out] correction matrix transposed to [out, D], as f32.
+std::vector<float> transposed(const ggml_tensor * src) {
     const int64_t D = src->ne[0], out = src->ne[1];
     std::vector<float> a(static_cast<size_t>(D * out)), b(a.size());
     copy_rows_f32(src, a.data());
     for (int64_t o = 0; o < out; ++o) {
         for (int64_t d = 0; d < D; ++d) b[d * out + o] = a[o * D + d];
     }
-    set_packed(dst, b);
+    return b;
 }
+
+// Each correction matrix of a layer and the slot of its transposed copy in a packed set.
+struct correction_slot {
+    ggml_tensor * dm_dmem_layer::*  src;
+    ggml_tensor * dm_dmem_packed::* dst;
+    const char *                    name;
+};
+constexpr correction_slot k_corrections[] = {
+    {&dm_dmem_layer::dq, &dm_dmem_packed::dq_t, "dq"}, {&dm_dmem_layer::dk, &dm_dmem_packed::dk_t, "dk"},
+    {&dm_dmem_layer::dv, &dm_dmem_packed::dv_t, "dv"}, {&dm_dmem_layer::d_o, &dm_dmem_packed::do_t, "do"}};
 
 bool all_matrices_f16(const dm_adapter & a) {
     for (const dm_dmem_layer & l : a.layers) {
@@ -184,21 +194,24 @@ void new_packed(ggml_context * ctx, ggml_type type, const dm_dmem_layer & l, int
     const char * suffix = type == GGML_TYPE_F16 ? "_f16" : "";
     p.w_in = ggml_new_tensor_2d(ctx, type, n_embd, rows);
     ggml_format_name(p.w_in, "blk.%d.dmem_in%s", l.il, suffix);
-    const struct { const ggml_tensor * src; ggml_tensor ** dst; const char * name; } corrections[] = {
-        {l.dq, &p.dq_t, "dq"}, {l.dk, &p.dk_t, "dk"}, {l.dv, &p.dv_t, "dv"}, {l.d_o, &p.do_t, "do"}};
-    for (const auto & c : corrections) {
-        if (!c.src) continue;
-        *c.dst = ggml_new_tensor_2d(ctx, type, c.src->ne[1], c.src->ne[0]);   // [out, D]
-        ggml_format_name(*c.dst, "blk.%d.dmem_%s_t%s", l.il, c.name, suffix);
+    for (const correction_slot & c : k_corrections) {
+        const ggml_tensor * src = l.*c.src;
+        if (!src) continue;
+        p.*c.dst = ggml_new_tensor_2d(ctx, type, src->ne[1], src->ne[0]);   // [out, D]
+        ggml_format_name(p.*c.dst, "blk.%d.dmem_%s_t%s", l.il, c.name, suffix);
     }
 }
 
-void fill_packed(const dm_dmem_layer & l, const std::vector<float> & w_in, const dm_dmem_packed & p) {
-    set_packed(p.w_in, w_in);
-    fill_transposed(l.dq, p.dq_t);
-    fill_transposed(l.dk, p.dk_t);
-    fill_transposed(l.dv, p.dv_t);
-    fill_transposed(l.d_o, p.do_t);
+// Fills the layer's packed sets (f32, and f16 when it has one) from the stacked input matrix w_in.
+void fill_packed(dm_dmem_layer & l, const std::vector<float> & w_in) {
+    std::vector<dm_dmem_packed *> sets = {&l.f32};
+    if (l.f16.w_in) sets.push_back(&l.f16);
+    for (dm_dmem_packed * p : sets) set_packed(p->w_in, w_in);
+    for (const correction_slot & c : k_corrections) {
+        if (!(l.*c.src)) continue;
+        const std::vector<float> t = transposed(l.*c.src);
+        for (dm_dmem_packed * p : sets) set_packed(p->*c.dst, t);
+    }
 }
 
 // Lays the weights out for speed: each layer's input projections stacked into one matrix (and the
@@ -230,8 +243,7 @@ void pack_weights(dm_adapter & a, int64_t n_embd) {
         float * bias = copy_rows_f32(l.beta_b, b.data());
         if (l.lambda_b) copy_rows_f32(l.lambda_b, bias);
         ggml_backend_tensor_set(l.b_in, b.data(), 0, ggml_nbytes(l.b_in));
-        fill_packed(l, w, l.f32);
-        if (half) fill_packed(l, w, l.f16);
+        fill_packed(l, w);
     }
 }
 
