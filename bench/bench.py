@@ -158,7 +158,7 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def summarize(rounds: list[dict[str, dict]], names: list[str], baseline_llama: str | None) -> dict:
+def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict:
     """Per contender: medians, tg max/min, RSS; per pair: median of per-round ratios."""
     out: dict = {"contenders": {}, "ratios": {}}
     for name in names:
@@ -262,7 +262,7 @@ def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int
                         log(f"[bench] {label} t={nt} run {i + 1}/{runs} {c['name']:>12}: "
                             f"pp{pp} {res.get('pp_tps', 0):8.1f} t/s  tg{tg} {res.get('tg_tps', 0):7.2f} t/s")
                 rounds.append(rnd)
-            summary = summarize(rounds, names, None)
+            summary = summarize(rounds, names)
             report["results"].append({"model": label, "model_path": path, "adapter": adapter, "threads": nt,
                                       "order": names, **summary})
     report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
