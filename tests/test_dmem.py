@@ -17,7 +17,7 @@ from dmem_fixtures import VARIANTS, make_adapter, run_session, session_calls, wr
 from dmem_reference import DeltaMemReference, bare_logits_session
 from pydeltamem.convert.adapter import convert_adapter
 
-BACKBONES = {"qwen3": "qwen3-untied", "llama": "llama-gqa", "smollm3": "smollm3-nope"}
+BACKBONES = {"qwen3": "qwen3-untied", "llama": "llama-gqa", "llama-bias": "llama-bias", "smollm3": "smollm3-nope"}
 F32_TOL = 1e-4
 
 
@@ -78,7 +78,7 @@ def test_variant_matches_float64_reference(variant, backbone, tmp_path):
     np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-bias", "smollm3"])
 @pytest.mark.parametrize("variant", ["released", "all_heads"])
 def test_other_architectures(arch, variant, backbone, tmp_path):
     gguf_path, hf_model, _ = backbone(arch)
@@ -121,13 +121,18 @@ def test_f16_adapter_matches_float64_reference(variant, backbone, tmp_path):
         np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
 
 
-def test_zero_corrections_reproduce_the_bare_model(backbone, tmp_path):
-    gguf_path, hf_model, _ = backbone("qwen3")
-    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["all_heads"], zero_corrections=True)
+# (backbone weights, repack buffer): the memory op computes q = Wq x itself in decode passes with
+# ggml's vec_dot for the type (f32, q8_0, q4_1, q4_0), except from repacked (interleaved) q4_0.
+@pytest.mark.parametrize("weights,repack", [("f32", True), ("q8_0", True), ("q4_1", True), ("q4_0", False),
+                                            ("q4_0", True)])
+def test_zero_corrections_reproduce_the_bare_model(weights, repack, backbone, tiny_gguf, tmp_path):
+    f32_path, hf_model, _ = backbone("qwen3")
+    gguf_path = tiny_gguf(BACKBONES["qwen3"], weights)
+    _, _, adapter = convert(tmp_path, hf_model, f32_path, VARIANTS["all_heads"], zero_corrections=True)
     calls = session_calls(hf_model.config.vocab_size)
-    with pydeltamem.Model(gguf_path, n_ctx=64) as bare_model:
+    with pydeltamem.Model(gguf_path, n_ctx=64, use_repack=repack) as bare_model:
         bare, _ = engine_session(bare_model, calls)
-    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64, use_repack=repack) as m:
         got, ctx = engine_session(m, calls)
         assert np.abs(ctx.memory).max() > 0, "the memory is written even when corrections are zero"
     assert rel_err(got, bare) <= 1e-6

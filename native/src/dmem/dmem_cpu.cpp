@@ -2,6 +2,8 @@
 
 #include "dmem/dmem_vec.h"
 
+#include <ggml-cpu.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -38,25 +40,27 @@ struct row_range {
     }
 };
 
+// dst[first:last] += Σ_d W_Δᵀ[first:last, d] o_t[d] for one token's column dst, o_t[d] = reads[d * stride].
+void add_reads(float * dst, const ggml_tensor * w, const float * reads, int64_t stride, int64_t first, int64_t last) {
+    const char * rows = static_cast<const char *>(w->data) + first * ggml_type_size(w->type);
+    dm_vec_mad_rows(dst + first, reads, stride, rows, w->nb[1], w->type, w->ne[1], last - first);
+}
+
 // out[:, t] = y[:, t] (+ residual[:, t]) + Σ_d W_Δᵀ[:, d] o_t[d] on the rows [first, last), for
 // the n columns of y, o_t[d] = reads[t + d * stride].
 void add_correction(const ggml_tensor * y, const ggml_tensor * residual, const ggml_tensor * w, const float * reads,
                     int64_t stride, float * out, size_t out_nb1, int64_t first, int64_t last) {
-    const int64_t D = w->ne[1], n = y->ne[1], len = last - first;
+    const int64_t n = y->ne[1], len = last - first;
     if (len <= 0) return;
-    const size_t elt = ggml_type_size(w->type);
     for (int64_t t = 0; t < n; ++t) {
         const float * src = column(y, t) + first;
-        float * dst = reinterpret_cast<float *>(reinterpret_cast<char *>(out) + t * out_nb1) + first;
-        std::copy(src, src + len, dst);
+        float * dst = reinterpret_cast<float *>(reinterpret_cast<char *>(out) + t * out_nb1);
+        std::copy(src, src + len, dst + first);
         if (residual) {
             const float * res = column(residual, t) + first;
-            for (int64_t i = 0; i < len; ++i) dst[i] += res[i];
+            for (int64_t i = 0; i < len; ++i) dst[first + i] += res[i];
         }
-        for (int64_t d = 0; d < D; ++d) {
-            const char * col = static_cast<const char *>(w->data) + d * w->nb[1] + first * elt;
-            dm_vec_mad(dst, reads[t + d * stride], col, w->type, len);
-        }
+        add_reads(dst, w, reads + t, stride, first, last);
     }
 }
 
@@ -189,58 +193,115 @@ void scan(scan_kernel & kr, const projections & p, int64_t n, const float * gate
     }
 }
 
-} // namespace
+// The rows of the projection the op corrects, [rows, n]: computed as W x (+ bias) with ggml's own
+// vec_dot (the values ggml_mul_mat gives), or copied from y; then y + W_Δ o.
+struct corrected_rows {
+    const ggml_tensor * x, * w, * bias, * y, * w_delta;
+    const float * reads;   // [n, D]
+    float * out;           // [rows, n]
+    int64_t rows, n;
+    // Rows a thread takes at a time: as many as ggml_mul_mat takes when it computes them, whole
+    // cache lines when it only corrects them (a finer balance of the corrections of long passes).
+    int64_t chunk = w ? 64 : 16;
 
-void dm_spin_barrier::wait(int nth) {
-    if (nth <= 1) return;
-    const uint32_t gen = generation.load(std::memory_order_acquire);
-    if (arrived.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
-        arrived.store(0, std::memory_order_relaxed);
-        generation.fetch_add(1, std::memory_order_release);
-        return;
+    int32_t n_chunks() const { return static_cast<int32_t>((rows + chunk - 1) / chunk); }
+
+    // x in W's vec_dot type, once per call and thread, before the thread's first chunk.
+    void convert_x(std::vector<char> & x_dot) const {
+        const ggml_type type = ggml_get_type_traits_cpu(w->type)->vec_dot_type;
+        const size_t row = ggml_row_size(type, x->ne[0]);
+        x_dot.resize(row * static_cast<size_t>(n));
+        for (int64_t t = 0; t < n; ++t) ggml_get_type_traits_cpu(type)->from_float(column(x, t), x_dot.data() + t * row, x->ne[0]);
     }
-    while (generation.load(std::memory_order_acquire) == gen) cpu_relax();
+
+    void compute(int32_t c, const std::vector<char> & x_dot) const {
+        const int64_t first = c * chunk, last = std::min(rows, first + chunk);
+        for (int64_t t = 0; t < n; ++t) {
+            float * dst = out + t * rows;
+            if (!w) {
+                std::copy(column(y, t) + first, column(y, t) + last, dst + first);
+                continue;
+            }
+            const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
+            const char * xt = x_dot.data() + static_cast<size_t>(t) * (x_dot.size() / static_cast<size_t>(n));   // token t's row
+            for (int64_t i = first; i < last; ++i) {
+                dot(static_cast<int>(x->ne[0]), dst + i, 0, static_cast<const char *>(w->data) + i * w->nb[1], 0, xt, 0, 1);
+            }
+            if (bias) {
+                const float * b = static_cast<const float *>(bias->data);
+                for (int64_t i = first; i < last; ++i) dst[i] += b[i];
+            }
+        }
+    }
+
+    void correct(int32_t c) const {
+        const int64_t first = c * chunk, last = std::min(rows, first + chunk);
+        for (int64_t t = 0; t < n; ++t) add_reads(out + t * rows, w_delta, reads + t, n, first, last);
+    }
+};
+
+// Thread 0: the projections of x (when the op makes them), all of them.
+projections project_all(const ggml_tensor * in, const ggml_tensor * w_in, float * out) {
+    const int64_t rows = w_in->ne[1], n = in->ne[1];
+    for (int64_t i = 0; i < rows; ++i) {
+        const char * w = static_cast<const char *>(w_in->data) + i * w_in->nb[1];
+        for (int64_t t = 0; t < n; ++t) out[t * rows + i] = dm_vec_dot(w, w_in->type, column(in, t), in->ne[0]);
+    }
+    return {out, rows, rows};
 }
 
-dm_memory_op::dm_memory_op(const dm_dmem_config & c) : cfg(&c) {}
+} // namespace
+
+dm_memory_op::dm_memory_op(const dm_dmem_config & c) : cfg(&c), threads(GGML_MAX_N_THREADS) {}
 
 void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     auto & op = *static_cast<dm_memory_op *>(userdata);
     const dm_dmem_config & cfg = *op.cfg;
     const ggml_tensor * in = dst->src[0];
-    const ggml_tensor * bias = dst->src[1];
     const ggml_tensor * w_in = dst->src[4];
     const ggml_tensor * y = dst->src[5];
+    const ggml_tensor * w = dst->src[7];
     const int64_t n = in->ne[1], D = cfg.width();
-    float * reads = static_cast<float *>(dst->data);                  // [n, D]
-    float * corrected = reads + n * D;                                // [rows of y, n]
-    const int64_t y_rows = y ? y->ne[0] : 0;
+    float * reads = static_cast<float *>(dst->data);   // [n, D]
+    const int64_t rows = w ? w->ne[1] : y ? y->ne[0] : 0;
+    const corrected_rows target{in, w, dst->src[8], y, dst->src[6], reads, reads + n * D, rows, n};
 
-    projections p{};
-    if (w_in) {   // few tokens: the projection is cheaper here than as a node of its own
-        const int64_t rows = w_in->ne[1];
-        float * out = corrected + y_rows * n;                         // [rows, n]
-        const int64_t per_thread = (rows + nth - 1) / nth;
-        const int64_t first = std::min(rows, ith * per_thread), last = std::min(rows, first + per_thread);
-        for (int64_t i = first; i < last; ++i) {
-            const char * w = static_cast<const char *>(w_in->data) + i * w_in->nb[1];
-            for (int64_t t = 0; t < n; ++t) out[t * rows + i] = dm_vec_dot(w, w_in->type, column(in, t), in->ne[0]);
-        }
-        op.barrier.wait(nth);
-        p = {out, rows, rows};
-    } else {
-        p = {column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
-    }
-
-    if (ith == 0) {   // the scan is sequential and tiny: one thread does it
+    if (ith == 0) {   // the scan is sequential and tiny: one thread does it, the others start on the rows
+        const projections p = w_in ? project_all(in, w_in, target.out + rows * n)
+                                   : projections{column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
         scan_kernel kr(cfg, static_cast<float *>(dst->src[2]->data), op.scratch);
-        scan(kr, p, n, static_cast<const float *>(bias->data), bias->ne[0] == 2 * cfg.gate_width,
+        scan(kr, p, n, static_cast<const float *>(dst->src[1]->data), dst->src[1]->ne[0] == 2 * cfg.gate_width,
              static_cast<const int32_t *>(dst->src[3]->data), reads);
+        op.reads_ready.store(true, std::memory_order_release);
     }
-    if (!y) return;
-    op.barrier.wait(nth);
-    const row_range r(y_rows, ith, nth);
-    add_correction(y, nullptr, dst->src[6], reads, n, corrected, static_cast<size_t>(y_rows) * sizeof(float), r.first, r.last);
+    if (rows > 0) {
+        auto ready = [&] { return op.reads_ready.load(std::memory_order_acquire); };
+        // Rows copied from y are no work worth starting before the reads: take them with their corrections.
+        if (!w) while (!ready()) cpu_relax();
+        dm_memory_op::per_thread & me = op.threads[static_cast<size_t>(ith)];
+        me.pending.clear();
+        bool converted = false;
+        for (int32_t c; (c = op.next_chunk.fetch_add(1, std::memory_order_relaxed)) < target.n_chunks();) {
+            if (w && !converted) {
+                target.convert_x(me.x_dot);
+                converted = true;
+            }
+            target.compute(c, me.x_dot);
+            if (ready()) {
+                target.correct(c);
+            } else {
+                me.pending.push_back(c);
+            }
+        }
+        if (!me.pending.empty()) while (!ready()) cpu_relax();
+        for (int32_t c : me.pending) target.correct(c);
+    }
+    // The last thread out readies the op for its next call (ggml's barrier after the node orders it).
+    if (op.finished.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
+        op.next_chunk.store(0, std::memory_order_relaxed);
+        op.reads_ready.store(false, std::memory_order_relaxed);
+        op.finished.store(0, std::memory_order_relaxed);
+    }
 }
 
 void dm_correct_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {

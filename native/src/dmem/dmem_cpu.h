@@ -10,22 +10,22 @@
 #include <cstdint>
 #include <vector>
 
-// Lets the threads of one custom op meet between its phases (projection, scan, correction), so
-// that the phases need no graph nodes of their own: every node costs a barrier of ggml's as well.
-class dm_spin_barrier {
-public:
-    void wait(int nth);
-
-private:
-    alignas(64) std::atomic<int>      arrived{0};
-    alignas(64) std::atomic<uint32_t> generation{0};
-};
-
-// Userdata of the memory ops of one graph (they run one after another, never concurrently).
+// Userdata of the memory ops of one graph (they run one after another, never concurrently). The
+// op's threads share its rows through a chunk counter and meet nowhere inside the op: thread 0
+// projects and scans while the others compute the rows of the corrected projection, and the
+// correction itself waits only for the scan's reads.
 struct dm_memory_op {
-    const dm_dmem_config * cfg = nullptr;
-    dm_spin_barrier        barrier;
-    std::vector<float>     scratch;   // the scan's work vectors (thread 0 only)
+    struct alignas(64) per_thread {
+        std::vector<char>    x_dot;    // x converted to the vec_dot type of the op's own projection
+        std::vector<int32_t> pending;  // row chunks this thread computed before the reads were ready
+    };
+
+    const dm_dmem_config *  cfg = nullptr;
+    std::vector<float>      scratch;   // the scan's work vectors (thread 0 only)
+    std::vector<per_thread> threads;   // one per possible thread: each touches its own only
+    alignas(64) std::atomic<int32_t> next_chunk{0};
+    alignas(64) std::atomic<int32_t> finished{0};     // threads done with the current call
+    alignas(64) std::atomic<bool>    reads_ready{false};
 
     explicit dm_memory_op(const dm_dmem_config & c);
 };
@@ -36,8 +36,10 @@ struct dm_memory_op {
 //   [3] the plan [n + 1] i32 (dm_dmem_builder::set_inputs)
 //   [4] w_in [n_embd, 3D + G (+ G)]: the op projects x itself (few tokens), or null
 //   [5] y [rows, n] and [6] W_Δᵀ [rows, D]: a correction y + W_Δ o done in the same op, or null
-// dst, one dimension: the reads o transposed [n, D], then y + W_Δ o [rows, n] when [5] is set,
-// then room for the projections [3D + G (+ G), n] when [4] is set.
+//   [7] W [n_embd, rows] and [8] its bias [rows] or null, in place of [5]: y = W x (+ bias) is
+//       computed by the op itself (few tokens, W in a layout ggml's vec_dot reads)
+// dst, one dimension: the reads o transposed [n, D], then y + W_Δ o [rows, n] when [5] or [7] is
+// set, then room for the projections [3D + G (+ G), n] when [4] is set.
 void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 
 // dst [rows, m] = y + W_Δ o (+ residual), from the sources y [rows, m], W_Δᵀ [rows, D], the reads

@@ -4,6 +4,7 @@
 #include "dmem/dmem_cpu.h"
 
 #include <ggml-backend.h>
+#include <ggml-cpu.h>
 
 #include <algorithm>
 #include <cmath>
@@ -183,25 +184,43 @@ const dm_dmem_packed & dm_dmem_builder::weights(const dm_dmem_layer & l) const {
     return fused_ops && n_tokens <= k_few_tokens && l.f16.w_in ? l.f16 : l.f32;
 }
 
+ggml_tensor * dm_dmem_builder::linear(const dm_linear & target, ggml_tensor * x) const {
+    ggml_tensor * y = ggml_mul_mat(ctx, target.w, x);
+    return target.bias ? ggml_add(ctx, y, target.bias) : y;
+}
+
+// Few tokens: the memory op computes the target's rows itself, with ggml's vec_dot, so that
+// the target's mat-mul node (and its barriers) goes.
+bool dm_dmem_builder::op_computes(const dm_linear & target, ggml_tensor * x) const {
+    if (!target.w || !target.plain || n_tokens > k_few_tokens) return false;
+    if (x->type != GGML_TYPE_F32 || !ggml_is_contiguous(x) || !ggml_is_contiguous(target.w)) return false;
+    if (target.bias && (target.bias->type != GGML_TYPE_F32 || !ggml_is_contiguous(target.bias))) return false;
+    const ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(target.w->type);
+    return traits->vec_dot && ggml_get_type_traits_cpu(traits->vec_dot_type)->from_float;
+}
+
 dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
-                                                   ggml_tensor * y, ggml_tensor * w_delta_t) {
+                                                   const dm_linear & target, ggml_tensor * w_delta_t) {
     if (!op) op = std::make_shared<dm_memory_op>(adapter.cfg);
     const int64_t D = adapter.cfg.width();
     const bool project_inside = n_tokens <= k_few_tokens && ggml_is_contiguous(x);
     ggml_tensor * w_in = weights(l).w_in;
+    const bool own = op_computes(target, x);
+    ggml_tensor * y = target.w && !own ? linear(target, x) : nullptr;
     const bool ride = y && ggml_is_contiguous(y);
-    const int64_t y_rows = ride ? y->ne[0] : 0;
-    const int64_t size = n_tokens * D + y_rows * n_tokens + (project_inside ? w_in->ne[1] * n_tokens : 0);
+    const int64_t rows = own ? target.w->ne[1] : ride ? y->ne[0] : 0;
+    const int64_t size = n_tokens * D + rows * n_tokens + (project_inside ? w_in->ne[1] * n_tokens : 0);
     ggml_tensor * args[] = {project_inside ? x : project(l, x).packed, l.b_in, state, in.plan,
-                            project_inside ? w_in : nullptr, ride ? y : nullptr, ride ? w_delta_t : nullptr};
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, size, 1, 1, 1, args, 7, dm_memory_op_cpu,
+                            project_inside ? w_in : nullptr, ride ? y : nullptr, rows ? w_delta_t : nullptr,
+                            own ? target.w : nullptr, own ? target.bias : nullptr};
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, size, 1, 1, 1, args, 9, dm_memory_op_cpu,
                                        GGML_N_TASKS_MAX, op.get());
     // The op also writes the state: it must run even where nothing reads o (the last layer of a prefill).
     ggml_build_forward_expand(gf, out);
     layer_pass r{};
     r.reads = ggml_view_2d(ctx, out, n_tokens, D, n_tokens * sizeof(float), 0);   // [n_tokens, D]
-    if (ride) {
-        r.corrected = ggml_view_2d(ctx, out, y_rows, n_tokens, y_rows * sizeof(float), n_tokens * D * sizeof(float));
+    if (rows) {
+        r.corrected = ggml_view_2d(ctx, out, rows, n_tokens, rows * sizeof(float), n_tokens * D * sizeof(float));
     } else if (y) {
         r.corrected = correct(y, w_delta_t, r.reads);
     }
@@ -209,11 +228,11 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
 }
 
 dm_dmem_builder::layer_pass dm_dmem_builder::read_and_write(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
-                                                            ggml_tensor * y, ggml_tensor * w_delta_t) {
-    if (fused_ops) return fused(l, state, x, y, w_delta_t);
+                                                            const dm_linear & target, ggml_tensor * w_delta_t) {
+    if (fused_ops) return fused(l, state, x, target, w_delta_t);
     layer_pass r{};
     r.reads = portable(project(l, x), state);
-    if (y) r.corrected = correct(y, w_delta_t, r.reads);
+    if (target.w) r.corrected = correct(linear(target, x), w_delta_t, r.reads);
     return r;
 }
 

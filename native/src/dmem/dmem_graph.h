@@ -27,6 +27,14 @@ struct dm_dmem_plan {
     bool same_shape(const dm_dmem_plan & o) const { return interleaved == o.interleaved && items.size() == o.items.size(); }
 };
 
+// A projection W x (+ bias) whose output gets a δ-mem correction. plain: W's rows are stored as
+// ggml's vec_dot reads them (not interleaved by the repack buffer), so the memory op may compute it.
+struct dm_linear {
+    ggml_tensor * w    = nullptr;
+    ggml_tensor * bias = nullptr;
+    bool          plain = false;
+};
+
 // Graph inputs the δ-mem ops need, shared by every layer of a pass.
 struct dm_dmem_inputs {
     ggml_tensor * plan = nullptr;   // [n_tokens + 1] i32: write item per token (-1: none), then the mode
@@ -48,13 +56,13 @@ struct dm_dmem_builder {
 
     struct layer_pass {
         ggml_tensor * reads;       // the reads o transposed, [n_tokens, D]: the corrections' layout
-        ggml_tensor * corrected;   // y + W_Δ o, when a y was given
+        ggml_tensor * corrected;   // W x (+ bias) + W_Δ o, when a target was given
     };
     // Runs the memory of one targeted layer on x ([n_embd, n_tokens], the attention input after
-    // its RMSNorm) and updates its state. A projection y with its W_Δᵀ (or nulls) is corrected
-    // in the same op where the fused ops allow.
+    // its RMSNorm) and updates its state. The target projection (w null: none) with its W_Δᵀ is
+    // computed and corrected in the same op where the fused ops allow.
     layer_pass read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x,
-                              ggml_tensor * y, ggml_tensor * w_delta_t);
+                              const dm_linear & target, ggml_tensor * w_delta_t);
     // The layer's packed weights this pass uses: f16 ones (when the adapter has them) for the
     // few-token passes of the fused ops, f32 otherwise.
     const dm_dmem_packed & weights(const dm_dmem_layer & l) const;
@@ -84,7 +92,9 @@ private:
     ggml_tensor * read(ggml_tensor * S, ggml_tensor * q_col) const;     // -> [D, 1]
     ggml_tensor * write(ggml_tensor * S, ggml_tensor * k_col, ggml_tensor * v_col, const gates & g) const;
     ggml_tensor * portable(const projections & p, ggml_tensor * state);
-    layer_pass    fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x, ggml_tensor * y,
+    ggml_tensor * linear(const dm_linear & target, ggml_tensor * x) const;   // W x (+ bias) as graph nodes
+    bool          op_computes(const dm_linear & target, ggml_tensor * x) const;
+    layer_pass    fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x, const dm_linear & target,
                         ggml_tensor * w_delta_t);
 };
 

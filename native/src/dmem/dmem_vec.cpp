@@ -51,6 +51,15 @@ void mad_f16(float * y, float a, const ggml_fp16_t * w, int64_t n) {
     }
 }
 
+void mad_rows_f32(float * y, const float * a, int64_t a_stride, const float * w, int64_t w_stride, int64_t m, int64_t n) {
+    for (int64_t d = 0; d < m; ++d) mad_f32(y, a[d * a_stride], w + d * w_stride, n);
+}
+
+void mad_rows_f16(float * y, const float * a, int64_t a_stride, const ggml_fp16_t * w, int64_t w_stride, int64_t m,
+                  int64_t n) {
+    for (int64_t d = 0; d < m; ++d) mad_f16(y, a[d * a_stride], w + d * w_stride, n);
+}
+
 // ---- x86-64 with AVX2, FMA and F16C ------------------------------------------------------------
 
 #ifdef DM_VEC_X86
@@ -80,12 +89,25 @@ DM_AVX2 float dot_avx2(const T * w, const float * x, int64_t n) {
     return sum;
 }
 
+// All m rows in one pass over y, eight elements at a time: y is loaded and stored once, not m times.
 template <typename T>
-DM_AVX2 void mad_avx2(float * y, float a, const T * w, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(w + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] += a * load1(w + i);
+DM_AVX2 void mad_rows_avx2(float * y, const float * a, int64_t a_stride, const T * w, int64_t w_stride, int64_t m, int64_t n) {
+    constexpr int64_t max_rows = 16;
+    for (int64_t d0 = 0; d0 < m; d0 += max_rows) {
+        const int64_t rows = std::min(max_rows, m - d0);
+        __m256 va[max_rows];
+        for (int64_t d = 0; d < rows; ++d) va[d] = _mm256_set1_ps(a[(d0 + d) * a_stride]);
+        const T * w0 = w + d0 * w_stride;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 acc = _mm256_loadu_ps(y + i);
+            for (int64_t d = 0; d < rows; ++d) acc = _mm256_fmadd_ps(va[d], load8(w0 + d * w_stride + i), acc);
+            _mm256_storeu_ps(y + i, acc);
+        }
+        for (; i < n; ++i) {
+            for (int64_t d = 0; d < rows; ++d) y[i] += a[(d0 + d) * a_stride] * load1(w0 + d * w_stride + i);
+        }
+    }
 }
 
 // DELTAMEM_NO_AVX2=1 takes the portable kernels (as on CPUs without AVX2), for comparisons.
@@ -108,21 +130,23 @@ float dm_vec_dot(const void * w, ggml_type type, const float * x, int64_t n) {
     return half ? dot_f16(static_cast<const ggml_fp16_t *>(w), x, n) : dot_f32(static_cast<const float *>(w), x, n);
 }
 
-void dm_vec_mad(float * y, float a, const void * w, ggml_type type, int64_t n) {
+void dm_vec_mad_rows(float * y, const float * a, int64_t a_stride, const void * w, size_t w_row_bytes, ggml_type type,
+                     int64_t m, int64_t n) {
     const bool half = type == GGML_TYPE_F16;
+    const int64_t w_stride = static_cast<int64_t>(w_row_bytes / ggml_type_size(type));
 #ifdef DM_VEC_X86
     if (has_avx2()) {
         if (half) {
-            mad_avx2(y, a, static_cast<const ggml_fp16_t *>(w), n);
+            mad_rows_avx2(y, a, a_stride, static_cast<const ggml_fp16_t *>(w), w_stride, m, n);
         } else {
-            mad_avx2(y, a, static_cast<const float *>(w), n);
+            mad_rows_avx2(y, a, a_stride, static_cast<const float *>(w), w_stride, m, n);
         }
         return;
     }
 #endif
     if (half) {
-        mad_f16(y, a, static_cast<const ggml_fp16_t *>(w), n);
+        mad_rows_f16(y, a, a_stride, static_cast<const ggml_fp16_t *>(w), w_stride, m, n);
     } else {
-        mad_f32(y, a, static_cast<const float *>(w), n);
+        mad_rows_f32(y, a, a_stride, static_cast<const float *>(w), w_stride, m, n);
     }
 }

@@ -5,10 +5,12 @@
 
 #include <ggml.h>
 
+#include <cstddef>
 #include <cstdint>
 
 // Σ_i w[i] x[i] for a weight row w of `type` (f32 or f16).
 float dm_vec_dot(const void * w, ggml_type type, const float * x, int64_t n);
 
-// y[i] += a * w[i] for a weight row w of `type` (f32 or f16).
-void dm_vec_mad(float * y, float a, const void * w, ggml_type type, int64_t n);
+// y[i] += Σ_d a[d * a_stride] w_d[i] for the m weight rows w_d of `type` (f32 or f16), w_row_bytes apart.
+void dm_vec_mad_rows(float * y, const float * a, int64_t a_stride, const void * w, size_t w_row_bytes, ggml_type type,
+                     int64_t m, int64_t n);

@@ -59,14 +59,16 @@ struct forward_builder {
         // before q/k-norm and RoPE (Δq, Δk, Δv) and after the output projection (Δo).
         const dm_dmem_layer * dl = dmem_layer(il);
         const dm_dmem_packed * dw = dl ? &dmem->weights(*dl) : nullptr;
-        ggml_tensor * q = linear(l.wq, x, l.bq);   // [n_embd_q, n_tokens]
-        ggml_tensor * reads = nullptr;             // [n_tokens, D]
-        if (dl) {   // Δq, when q is a delta head, is applied by the memory op itself
-            const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x,
-                                                   dw->dq_t ? q : nullptr, dw->dq_t);
+        ggml_tensor * q = nullptr;        // [n_embd_q, n_tokens]
+        ggml_tensor * reads = nullptr;    // [n_tokens, D]
+        if (dl) {   // q, when it is a delta head, comes corrected out of the memory op
+            const dm_linear wq = dw->dq_t ? dm_linear{l.wq, l.bq, !model.repacked.buf || l.wq->buffer != model.repacked.buf}
+                                          : dm_linear{};
+            const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x, wq, dw->dq_t);
             reads = pass.reads;
-            if (pass.corrected) q = pass.corrected;
+            q = pass.corrected;
         }
+        if (!q) q = linear(l.wq, x, l.bq);
         ggml_tensor * k = correct(linear(l.wk, x, l.bk), dw ? dw->dk_t : nullptr, reads);   // [n_embd_kv, n_tokens]
         ggml_tensor * v = correct(linear(l.wv, x, l.bv), dw ? dw->dv_t : nullptr, reads);   // [n_embd_v_gqa, n_tokens]
 
