@@ -200,11 +200,6 @@ struct corrected_rows {
     const float * reads;   // [n, D]
     float * out;           // [rows, n]
     int64_t rows, n;
-    // Rows a thread takes at a time: as many as ggml_mul_mat takes when it computes them, whole
-    // cache lines when it only corrects them (a finer balance of the corrections of long passes).
-    int64_t chunk = w ? 64 : 16;
-
-    int32_t n_chunks() const { return static_cast<int32_t>((rows + chunk - 1) / chunk); }
 
     // x in W's vec_dot type, once per call and thread, before the thread's first chunk.
     void convert_x(std::vector<char> & x_dot) const {
@@ -214,8 +209,8 @@ struct corrected_rows {
         for (int64_t t = 0; t < n; ++t) ggml_get_type_traits_cpu(type)->from_float(column(x, t), x_dot.data() + t * row, x->ne[0]);
     }
 
-    void compute(int32_t c, const std::vector<char> & x_dot) const {
-        const int64_t first = c * chunk, last = std::min(rows, first + chunk);
+    // Rows [first, last) of y, before their correction.
+    void compute(int64_t first, int64_t last, const std::vector<char> & x_dot) const {
         for (int64_t t = 0; t < n; ++t) {
             float * dst = out + t * rows;
             if (!w) {
@@ -234,20 +229,18 @@ struct corrected_rows {
         }
     }
 
-    void correct(int32_t c) const {
-        const int64_t first = c * chunk, last = std::min(rows, first + chunk);
+    void correct(int64_t first, int64_t last) const {
         for (int64_t t = 0; t < n; ++t) add_reads(out + t * rows, w_delta, reads + t, n, first, last);
     }
 };
 
-// Thread 0: the projections of x (when the op makes them), all of them.
-projections project_all(const ggml_tensor * in, const ggml_tensor * w_in, float * out) {
-    const int64_t rows = w_in->ne[1], n = in->ne[1];
-    for (int64_t i = 0; i < rows; ++i) {
+// Rows [first, last) of the projections of x: out[t * rows + i] = w_in[i] · x_t.
+void project_rows(const ggml_tensor * in, const ggml_tensor * w_in, float * out, int64_t first, int64_t last) {
+    const int64_t rows = w_in->ne[1];
+    for (int64_t i = first; i < last; ++i) {
         const char * w = static_cast<const char *>(w_in->data) + i * w_in->nb[1];
-        for (int64_t t = 0; t < n; ++t) out[t * rows + i] = dm_vec_dot(w, w_in->type, column(in, t), in->ne[0]);
+        for (int64_t t = 0; t < in->ne[1]; ++t) out[t * rows + i] = dm_vec_dot(w, w_in->type, column(in, t), in->ne[0]);
     }
-    return {out, rows, rows};
 }
 
 } // namespace
@@ -266,38 +259,53 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t rows = w ? w->ne[1] : y ? y->ne[0] : 0;
     const corrected_rows target{in, w, dst->src[8], y, dst->src[6], reads, reads + n * D, rows, n};
 
-    if (ith == 0) {   // the scan is sequential and tiny: one thread does it, the others start on the rows
-        const projections p = w_in ? project_all(in, w_in, target.out + rows * n)
-                                   : projections{column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
+    projections p{column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
+    if (w_in) {   // few tokens: each thread projects its share of the rows, thread 0 waits for all
+        const int64_t p_rows = w_in->ne[1];
+        float * out = target.out + rows * n;   // after the corrected rows: [p_rows, n]
+        const row_range r(p_rows, ith, nth);
+        project_rows(in, w_in, out, r.first, r.last);
+        op.projected.fetch_add(1, std::memory_order_acq_rel);
+        if (ith == 0) while (op.projected.load(std::memory_order_acquire) < nth) cpu_relax();
+        p = {out, p_rows, p_rows};
+    }
+    if (ith == 0) {   // the scan is sequential and tiny: one thread does it, the others go on to the rows
         scan_kernel kr(cfg, static_cast<float *>(dst->src[2]->data), op.scratch);
         scan(kr, p, n, static_cast<const float *>(dst->src[1]->data), dst->src[1]->ne[0] == 2 * cfg.gate_width,
              static_cast<const int32_t *>(dst->src[3]->data), reads);
         op.reads_ready.store(true, std::memory_order_release);
     }
-    if (rows > 0) {
-        auto ready = [&] { return op.reads_ready.load(std::memory_order_acquire); };
-        // Rows copied from y are no work worth starting before the reads: take them with their corrections.
-        if (!w) while (!ready()) cpu_relax();
+    auto wait_for_reads = [&] { while (!op.reads_ready.load(std::memory_order_acquire)) cpu_relax(); };
+    if (rows > 0 && !w) {   // copying y is no work worth starting before the reads: an equal share each
+        wait_for_reads();
+        const row_range r(rows, ith, nth);
+        target.compute(r.first, r.last, {});
+        target.correct(r.first, r.last);
+    } else if (rows > 0) {   // W x: chunks as ggml_mul_mat takes them, shared while thread 0 scans
+        constexpr int64_t chunk = 64;
+        const int32_t n_chunks = static_cast<int32_t>((rows + chunk - 1) / chunk);
         dm_memory_op::per_thread & me = op.threads[static_cast<size_t>(ith)];
         me.pending.clear();
         bool converted = false;
-        for (int32_t c; (c = op.next_chunk.fetch_add(1, std::memory_order_relaxed)) < target.n_chunks();) {
-            if (w && !converted) {
+        for (int32_t c; (c = op.next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
+            if (!converted) {
                 target.convert_x(me.x_dot);
                 converted = true;
             }
-            target.compute(c, me.x_dot);
-            if (ready()) {
-                target.correct(c);
+            const int64_t first = c * chunk, last = std::min(rows, first + chunk);
+            target.compute(first, last, me.x_dot);
+            if (op.reads_ready.load(std::memory_order_acquire)) {
+                target.correct(first, last);
             } else {
                 me.pending.push_back(c);
             }
         }
-        if (!me.pending.empty()) while (!ready()) cpu_relax();
-        for (int32_t c : me.pending) target.correct(c);
+        if (!me.pending.empty()) wait_for_reads();
+        for (int32_t c : me.pending) target.correct(c * chunk, std::min(rows, (c + 1) * chunk));
     }
     // The last thread out readies the op for its next call (ggml's barrier after the node orders it).
     if (op.finished.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
+        op.projected.store(0, std::memory_order_relaxed);
         op.next_chunk.store(0, std::memory_order_relaxed);
         op.reads_ready.store(false, std::memory_order_relaxed);
         op.finished.store(0, std::memory_order_relaxed);

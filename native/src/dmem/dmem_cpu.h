@@ -11,9 +11,9 @@
 #include <vector>
 
 // Userdata of the memory ops of one graph (they run one after another, never concurrently). The
-// op's threads share its rows through a chunk counter and meet nowhere inside the op: thread 0
-// projects and scans while the others compute the rows of the corrected projection, and the
-// correction itself waits only for the scan's reads.
+// op's threads never all meet inside it: each projects its share of x; thread 0 waits for the
+// projections and scans while the others go on to the rows of the corrected projection (W x in
+// chunks from a shared counter), and a row's correction waits only for the scan's reads.
 struct dm_memory_op {
     struct alignas(64) per_thread {
         std::vector<char>    x_dot;    // x converted to the vec_dot type of the op's own projection
@@ -23,6 +23,7 @@ struct dm_memory_op {
     const dm_dmem_config *  cfg = nullptr;
     std::vector<float>      scratch;   // the scan's work vectors (thread 0 only)
     std::vector<per_thread> threads;   // one per possible thread: each touches its own only
+    alignas(64) std::atomic<int32_t> projected{0};    // threads done projecting in the current call
     alignas(64) std::atomic<int32_t> next_chunk{0};
     alignas(64) std::atomic<int32_t> finished{0};     // threads done with the current call
     alignas(64) std::atomic<bool>    reads_ready{false};
