@@ -193,10 +193,10 @@ void scan(scan_kernel & kr, const projections & p, int64_t n, const float * gate
     }
 }
 
-// The rows of the projection the op corrects, [rows, n]: computed as W x (+ bias) with ggml's own
-// vec_dot (the values ggml_mul_mat gives), or copied from y; then y + W_Δ o.
-struct corrected_rows {
-    const ggml_tensor * x, * w, * bias, * y, * w_delta;
+// The rows of the projection the op computes and corrects, [rows, n]: W x (+ bias) with ggml's own
+// vec_dot (the values ggml_mul_mat gives), then + W_Δ o.
+struct computed_rows {
+    const ggml_tensor * x, * w, * bias, * w_delta;
     const float * reads;   // [n, D]
     float * out;           // [rows, n]
     int64_t rows, n;
@@ -209,14 +209,10 @@ struct corrected_rows {
         for (int64_t t = 0; t < n; ++t) ggml_get_type_traits_cpu(type)->from_float(column(x, t), x_dot.data() + t * row, x->ne[0]);
     }
 
-    // Rows [first, last) of y, before their correction.
+    // Rows [first, last) of W x (+ bias), before their correction.
     void compute(int64_t first, int64_t last, const std::vector<char> & x_dot) const {
         for (int64_t t = 0; t < n; ++t) {
             float * dst = out + t * rows;
-            if (!w) {
-                std::copy(column(y, t) + first, column(y, t) + last, dst + first);
-                continue;
-            }
             const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
             const char * xt = x_dot.data() + static_cast<size_t>(t) * (x_dot.size() / static_cast<size_t>(n));   // token t's row
             for (int64_t i = first; i < last; ++i) {
@@ -257,12 +253,13 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t n = in->ne[1], D = cfg.width();
     float * reads = static_cast<float *>(dst->data);   // [n, D]
     const int64_t rows = w ? w->ne[1] : y ? y->ne[0] : 0;
-    const corrected_rows target{in, w, dst->src[8], y, dst->src[6], reads, reads + n * D, rows, n};
+    float * corrected = reads + n * D;                 // [rows, n]
+    const computed_rows target{in, w, dst->src[8], dst->src[6], reads, corrected, rows, n};
 
     projections p{column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
     if (w_in) {   // few tokens: each thread projects its share of the rows, thread 0 waits for all
         const int64_t p_rows = w_in->ne[1];
-        float * out = target.out + rows * n;   // after the corrected rows: [p_rows, n]
+        float * out = corrected + rows * n;   // after the corrected rows: [p_rows, n]
         const row_range r(p_rows, ith, nth);
         project_rows(in, w_in, out, r.first, r.last);
         op.projected.fetch_add(1, std::memory_order_acq_rel);
@@ -279,8 +276,8 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     if (rows > 0 && !w) {   // copying y is no work worth starting before the reads: an equal share each
         wait_for_reads();
         const row_range r(rows, ith, nth);
-        target.compute(r.first, r.last, {});
-        target.correct(r.first, r.last);
+        add_correction(y, nullptr, dst->src[6], reads, n, corrected, static_cast<size_t>(rows) * sizeof(float), r.first,
+                       r.last);
     } else if (rows > 0) {   // W x: chunks as ggml_mul_mat takes them, shared while thread 0 scans
         constexpr int64_t chunk = 64;
         const int32_t n_chunks = static_cast<int32_t>((rows + chunk - 1) / chunk);

@@ -62,7 +62,7 @@ struct forward_builder {
         ggml_tensor * q = nullptr;        // [n_embd_q, n_tokens]
         ggml_tensor * reads = nullptr;    // [n_tokens, D]
         if (dl) {   // q, when it is a delta head, comes corrected out of the memory op
-            const dm_linear wq = dw->dq_t ? dm_linear{l.wq, l.bq, !model.repacked.buf || l.wq->buffer != model.repacked.buf}
+            const dm_linear wq = dw->dq_t ? dm_linear{l.wq, l.bq, l.wq->buffer != model.repacked.buf}
                                           : dm_linear{};
             const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x, wq, dw->dq_t);
             reads = pass.reads;
