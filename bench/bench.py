@@ -358,6 +358,8 @@ def _parse_llamacpp(values: list[str]) -> list[tuple[str, str]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pydeltamem.convert.adapter import OUTTYPES as ADAPTER_OUTTYPES
+
     parser.add_argument("--model", "-m", action="append", metavar="PATH|NAME",
                         help="GGUF path or built-in name (repeatable): " + ", ".join(BUILTIN_MODELS) +
                         " (default: smollm2)")
@@ -367,7 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default pp + tg, as llama-bench)")
     parser.add_argument("--no-dmem", action="store_true", help="skip the engine with a δ-mem adapter")
-    parser.add_argument("--adapter-type", choices=("auto", "f32", "f16"), default="auto",
+    parser.add_argument("--adapter-type", choices=ADAPTER_OUTTYPES, default="auto",
                         help="convert-adapter --outtype of the random adapter (its release files are bf16, so auto "
                         "gives f16, as for a released adapter)")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")

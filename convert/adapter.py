@@ -781,10 +781,9 @@ def is_16bit(array: np.ndarray) -> bool:
 
 
 def resolve_outtype(outtype: str, tensors: dict[str, np.ndarray]) -> str:
-    """"auto": f16 when the checkpoint's matrices are 16-bit (the release's bf16 fits f16's 11-bit
-    mantissa; only magnitudes below 6.1e-5 lose bits, by at most 3e-8), else f32."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    """The matrices' dtype for `outtype` (one of OUTTYPES). "auto": f16 when the checkpoint's matrices
+    are 16-bit (the release's bf16 fits f16's 11-bit mantissa; only magnitudes below 6.1e-5 lose bits,
+    by at most 3e-8), else f32."""
     if outtype != "auto":
         return outtype
     matrices = [t for t in tensors.values() if t.ndim == 2]
