@@ -15,11 +15,18 @@ empty cache), and reports tokens/s, per-token times and peak RSS (VmHWM). The re
 median over runs, max/min of tg over runs (stability), and medians of per-round ratios (not ratios of
 medians): ours+dmem/ours (δ-mem overhead), ours+dmem/llama.cpp, ours/llama.cpp — for tg also the
 ratio of each run's median per-token time, which load bursts on a shared machine hardly move.
+
+`--paired N` measures the δ-mem overhead alone, finer: each of `runs` processes loads the model twice
+(without and with the adapter, both thread pools sleeping between passes: poll=0) and decodes the
+same tokens with the two in turns, N single-token pairs (and a few pp pairs), swapping which goes
+first every pair; a load burst then hits both sides of a pair alike. It reports per process the
+geometric mean and the median of the per-pair speed ratios, and their median over processes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -89,6 +96,71 @@ def ours_worker(spec: dict) -> dict:
     out["maxrss_kb"] = spec["peak_rss_kb"]()
     ctx.close()
     model.close()
+    return out
+
+
+PAIRED_PP_PAIRS = 3
+
+
+def _timed_decode(ctx, tokens) -> float:
+    t = time.perf_counter()
+    ctx.decode(tokens, logits="last")
+    return time.perf_counter() - t
+
+
+def paired_worker(spec: dict) -> dict:
+    """The bare model and the δ-mem model in one process, decoding the same tokens in turns; the
+    per-pair speed ratios δ-mem / bare (ours_worker.py runs it for specs with "paired")."""
+    import pydeltamem
+
+    def open_context(adapter):
+        model = pydeltamem.Model(spec["model"], n_ctx=spec["n_ctx"], n_batch=spec.get("n_batch", 512),
+                                 n_threads=spec["threads"], adapter=adapter, poll=0)
+        return model, model.context()
+
+    (bare_model, bare), (dmem_model, dmem) = open_context(None), open_context(spec["adapter"])
+    pp_tokens, tg_tokens = spec["pp_tokens"], spec["tg_tokens"]
+
+    def fresh():
+        for ctx in (bare, dmem):
+            ctx.reset()
+        dmem.reset_memory()
+
+    def pair(i: int, tokens) -> float:
+        """bare time / δ-mem time of one decode each, the first of the two alternating with i."""
+        if i % 2:
+            d = _timed_decode(dmem, tokens)
+            return _timed_decode(bare, tokens) / d
+        b = _timed_decode(bare, tokens)
+        return b / _timed_decode(dmem, tokens)
+
+    fresh()
+    for ctx in (bare, dmem):                                   # warm-up
+        if pp_tokens:
+            ctx.decode(pp_tokens, logits="last")
+        for tok in tg_tokens[:8]:
+            ctx.decode([tok], logits="last")
+    out: dict = {}
+    if pp_tokens:
+        ratios = []
+        for i in range(PAIRED_PP_PAIRS):
+            fresh()
+            ratios.append(pair(i, pp_tokens))
+        out["pp_ratios"] = [round(r, 5) for r in ratios]
+    if tg_tokens:
+        fresh()
+        logs = []
+        for i in range(spec["paired"]):
+            k = i % len(tg_tokens)
+            if k == 0:
+                fresh()
+            logs.append(math.log(pair(i, [tg_tokens[k]])))
+        out["tg_geomean"] = math.exp(statistics.fmean(logs))
+        out["tg_geomean_se"] = (statistics.stdev(logs) / math.sqrt(len(logs))) if len(logs) > 1 else None
+        out["tg_median_pair"] = math.exp(statistics.median(logs))
+    for ctx, model in ((bare, bare_model), (dmem, dmem_model)):
+        ctx.close()
+        model.close()
     return out
 
 
@@ -222,15 +294,49 @@ def machine_info() -> dict:
     return info
 
 
+def summarize_paired(runs: list[dict]) -> dict:
+    """Medians over the paired processes (each: per-pair ratios δ-mem / bare speed)."""
+    ok = [r for r in runs if "error" not in r]
+    geomeans = [r["tg_geomean"] for r in ok if "tg_geomean" in r]
+    return {
+        "runs_ok": len(ok),
+        "errors": [r["error"] for r in runs if "error" in r],
+        "pp_ratio_median": _median([x for r in ok for x in r.get("pp_ratios", [])]),
+        "tg_geomean_median": _median(geomeans),
+        "tg_geomean_range": [min(geomeans), max(geomeans)] if geomeans else None,
+        "tg_median_pair_median": _median([r.get("tg_median_pair") for r in ok]),
+        "runs": ok,
+    }
+
+
+def run_paired_series(label: str, spec: dict, runs: int, pairs: int, timeout: float, log) -> dict:
+    """`runs` processes of paired_worker: δ-mem / bare speed, token pairs in one process."""
+    results = []
+    for i in range(runs):
+        res = spawn({"kind": "ours"}, {**spec, "paired": pairs}, timeout)
+        results.append(res)
+        if "error" in res:
+            log(f"[bench] {label} t={spec['threads']} paired run {i + 1}: ERROR {res['error']}")
+        else:
+            log(f"[bench] {label} t={spec['threads']} paired run {i + 1}/{runs}: δ-mem / bare "
+                f"pp {statistics.median(res.get('pp_ratios') or [math.nan]):.4f}  "
+                f"tg {res.get('tg_geomean', math.nan):.4f} ± {res.get('tg_geomean_se') or 0:.4f}")
+    return summarize_paired(results)
+
+
 def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int,
               llamacpp: list[tuple[str, str]], dmem: bool = True, n_ctx: int | None = None,
               n_batch: int = 512, timeout: float = 900.0, seed: int = 1234, log=print,
-              adapter_dir: str | None = None, adapter_type: str = "auto") -> dict:
+              adapter_dir: str | None = None, adapter_type: str = "auto", paired: int = 0) -> dict:
+    """paired > 0: the in-process paired measure of the δ-mem overhead (paired_worker, that many
+    token pairs per process) instead of the contenders' rounds."""
     from . import make_models
 
+    if paired and not dmem:
+        raise ValueError("the paired measure compares the model with and without a δ-mem adapter: drop --no-dmem")
     report = {"machine": machine_info(), "params": {
         "pp": pp, "tg": tg, "runs": runs, "threads": threads, "n_batch": n_batch, "seed": seed,
-        "adapter_type": adapter_type,
+        "adapter_type": adapter_type, "paired": paired,
         "llamacpp": [{"label": lbl, "python": py} for lbl, py in llamacpp]}, "results": []}
     t_start = time.time()
     for model_name in models:
@@ -248,6 +354,12 @@ def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int
             contenders.append({"name": lbl, "kind": "llamacpp", "python": py})
         names = [c["name"] for c in contenders]
         for nt in threads:
+            if paired:
+                series = run_paired_series(label, {**base_spec, "threads": nt, "adapter": adapter}, runs, paired,
+                                           timeout, log)
+                report["results"].append({"model": label, "model_path": path, "adapter": adapter, "threads": nt,
+                                          "paired": paired, **series})
+                continue
             rounds = []
             for i in range(runs):
                 k = i % len(contenders)
@@ -274,7 +386,24 @@ def _fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
 
+def format_paired_table(report: dict) -> str:
+    pairs = report["params"]["paired"]
+    lines = [f"δ-mem / bare speed, both in one process taking turns ({pairs} token pairs and "
+             f"{PAIRED_PP_PAIRS} pp pairs per process):", "",
+             "| model | threads | processes | pp (median pair) | tg (median of per-process geometric means) | "
+             "tg range over processes | tg (median pair) |", "|---|---:|---:|---:|---:|---|---:|"]
+    for res in report["results"]:
+        lo_hi = res["tg_geomean_range"]
+        lines.append(f"| {res['model']} | {res['threads']} | {res['runs_ok']} | {_fmt(res['pp_ratio_median'], '.3f')} | "
+                     f"{_fmt(res['tg_geomean_median'], '.3f')} | "
+                     f"{'-' if lo_hi is None else f'{lo_hi[0]:.3f}–{lo_hi[1]:.3f}'} | "
+                     f"{_fmt(res['tg_median_pair_median'], '.3f')} |")
+    return "\n".join(lines)
+
+
 def format_table(report: dict) -> str:
+    if report["params"].get("paired"):
+        return format_paired_table(report)
     pp, tg = report["params"]["pp"], report["params"]["tg"]
     lines = [f"| model | threads | contender | pp{pp} t/s | tg{tg} t/s | tg max/min | peak RSS MiB | runs |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -380,6 +509,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setup-llamacpp", nargs="?", const="default", choices=sorted(LLAMACPP_BUILDS),
                         metavar="BUILD", help="first create (or update) the venv of a llama.cpp build: 'default' "
                         "(pip's build: native flags, OpenMP) or 'avx2' (the libggml-python wheel's flags)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="instead of the rounds, measure the δ-mem overhead alone: each of --runs processes "
+                        "decodes N single-token pairs (and a few pp pairs) with the model without and with the "
+                        "adapter taking turns (e.g. 300)")
     parser.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process (default 900)")
     parser.add_argument("--cache-dir", default=None, help="models and adapters cache (default ~/.cache/pydeltamem-bench)")
@@ -394,8 +527,10 @@ def run_cli(args: argparse.Namespace) -> int:
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     if not threads or min(threads) < 1 or args.runs < 1 or args.pp < 0 or args.tg < 0 or args.pp + args.tg == 0:
         raise ValueError("need threads ≥ 1, runs ≥ 1, pp ≥ 0, tg ≥ 0 and pp + tg > 0")
+    if args.paired < 0:
+        raise ValueError("--paired takes a number of token pairs per process")
     llamacpp: list[tuple[str, str]] = []
-    if not args.no_llamacpp:
+    if not args.no_llamacpp and not args.paired:
         if args.setup_llamacpp:
             setup_llamacpp(args.setup_llamacpp, log)
         llamacpp = _parse_llamacpp(args.llamacpp_python) if args.llamacpp_python else default_llamacpp_pythons()
@@ -407,7 +542,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"llama-cpp-python interpreter not found: {py}")
     report = run_bench(args.model or ["smollm2"], threads, args.runs, args.pp, args.tg, llamacpp,
                        dmem=not args.no_dmem, n_ctx=args.n_ctx, timeout=args.timeout, log=log,
-                       adapter_type=args.adapter_type)
+                       adapter_type=args.adapter_type, paired=args.paired)
     print(format_table(report))
     if report["machine"].get("loadavg_start"):
         print(f"\nload average at start {report['machine']['loadavg_start']}, at end {report['machine']['loadavg_end']}"

@@ -1,7 +1,9 @@
-"""One benchmark run of our engine, in its own process: `python ours_worker.py < SPEC_JSON`.
+"""One benchmark run of our engine (or one paired run: spec "paired"), in its own process:
+`python ours_worker.py < SPEC_JSON`.
 
 A script run by path (not a module of the package), so it works however the harness was found.
-The measurement itself is bench.py's `ours_worker` (same protocol as llamacpp_worker.py).
+The measurements themselves are bench.py's `ours_worker` and `paired_worker` (same protocol as
+llamacpp_worker.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def _sibling(name: str):
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())
     spec["peak_rss_kb"] = _sibling("llamacpp_worker").peak_rss_kb   # one definition for both workers
-    result = _sibling("bench").ours_worker(spec)
+    bench = _sibling("bench")
+    result = bench.paired_worker(spec) if spec.get("paired") else bench.ours_worker(spec)
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -50,7 +50,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, kv_type: str = "f16", use_mmap: bool = True,
-                 adapter: str | os.PathLike | None = None, use_repack: bool = True):
+                 adapter: str | os.PathLike | None = None, use_repack: bool = True, poll: int = 50):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"model file not found: {path!r}")
@@ -62,6 +62,7 @@ class Model:
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.kv_type = kv_type
+        self.poll = poll
         if adapter is not None and not os.path.isfile(os.fspath(adapter)):
             raise ValueError(f"adapter file not found: {os.fspath(adapter)!r}")
         self._native = _core.Model(path, use_mmap, None if adapter is None else os.fspath(adapter), use_repack)
@@ -132,14 +133,19 @@ class Model:
 
     # ---- contexts ----
     def context(self, *, n_ctx: int | None = None, n_batch: int | None = None,
-                n_threads: int | None = None, kv_type: str | None = None, dmem_fused: bool = True) -> "Context":
+                n_threads: int | None = None, kv_type: str | None = None, dmem_fused: bool = True,
+                poll: int | None = None) -> "Context":
         """A new sequence with its own KV cache (and δ-mem state); defaults come from the Model.
 
         dmem_fused=False runs δ-mem prefill scans with portable ggml ops instead of the fused CPU kernel.
+        poll (0..100, as llama.cpp's --poll) is how long the idle worker threads poll for the next
+        pass before they sleep: 0 when several contexts take turns in one process (each pool's
+        spinning threads would slow the others) or when idle cores matter more than wake-up latency.
         """
         return Context(self, n_ctx=n_ctx or self.n_ctx, n_batch=n_batch or self.n_batch,
                        n_threads=n_threads if n_threads is not None else self.n_threads,
-                       kv_type=kv_type or self.kv_type, dmem_fused=dmem_fused)
+                       kv_type=kv_type or self.kv_type, dmem_fused=dmem_fused,
+                       poll=self.poll if poll is None else poll)
 
     # ---- tokenizer ----
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -228,13 +234,13 @@ class Context:
     """One sequence being decoded: its KV cache, δ-mem state, thread pool and position."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int | None, kv_type: str,
-                 dmem_fused: bool = True):
+                 dmem_fused: bool = True, poll: int = 50):
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError(f"n_ctx and n_batch must be positive (got n_ctx={n_ctx}, n_batch={n_batch})")
         self.model = model
         self.kv_type = kv_type
         self._native = _core.Context(model._native, n_ctx, n_batch, n_threads or 0, _kv_type_code(kv_type),
-                                     dmem_fused)
+                                     dmem_fused, poll)
 
     def close(self) -> None:
         self._native.close()

@@ -118,6 +118,28 @@ def test_contexts_are_independent_and_reset_restarts(engine_model, tiny_referenc
     np.testing.assert_array_equal(a.decode(second, logits="all"), got_b)
 
 
+def test_sleeping_thread_pools_taking_turns_decode_alike(engine_model):
+    """Contexts whose pools sleep between passes (poll=0), decoding in turns token by token, give the
+    logits of a polling context (the default) decoding alone."""
+    model = engine_model("llama-gqa", "q8_0")
+    tokens = random_tokens(model.n_vocab, 12, seed=3)
+    alone = model.context()
+    expected = np.stack([alone.decode([t]) for t in tokens])
+    a, b = model.context(poll=0), model.context(poll=0)
+    got_a, got_b = [], []
+    for t in tokens:
+        got_a.append(a.decode([t]))
+        got_b.append(b.decode([t]))
+    np.testing.assert_array_equal(np.stack(got_a), expected)
+    np.testing.assert_array_equal(np.stack(got_b), expected)
+
+
+@pytest.mark.parametrize("poll", [-1, 101])
+def test_poll_out_of_range_is_rejected(engine_model, poll):
+    with pytest.raises(ValueError, match="poll"):
+        engine_model("llama-gqa", "f32").context(poll=poll)
+
+
 def test_model_properties(engine_model, tiny_checkpoint):
     import json
 

@@ -25,6 +25,16 @@ def _load_bench():
     return bench, make_models
 
 
+def bench_args(harness, model, tmp_path, json_out, *extra: str):
+    """`deltamem bench` arguments for two quick runs (pp 8, tg 4) of `model`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    return parser.parse_args(["--model", str(model), "--runs", "2", "--pp", "8", "--tg", "4", "--json", str(json_out),
+                              "--cache-dir", str(tmp_path / "cache"), *extra])
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     _, mm = _load_bench()
@@ -56,13 +66,8 @@ def test_requantize_q4_0(tiny_model, tmp_path):
 
 def test_harness_runs_and_reports_json(tiny_model, tmp_path, capsys):
     harness, _ = _load_bench()
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    harness.add_arguments(parser)
     out = tmp_path / "report.json"
-    args = parser.parse_args(["--model", str(tiny_model), "--threads", "1", "--runs", "2", "--pp", "8", "--tg", "4",
-                              "--no-llamacpp", "--json", str(out), "--cache-dir", str(tmp_path / "cache")])
+    args = bench_args(harness, tiny_model, tmp_path, out, "--threads", "1", "--no-llamacpp")
     # A harness far larger than its workers: their peak RSS must be their own (fork + exec keeps
     # the parent's in getrusage's ru_maxrss).
     import numpy as np
@@ -85,6 +90,27 @@ def test_harness_runs_and_reports_json(tiny_model, tmp_path, capsys):
         ratio = res["ratios"][key]
         assert len(ratio["runs"]) == 2 and ratio["median"] > 0
     assert "(median token)" in table
+
+
+def test_paired_measure_reports_json(tiny_model, tmp_path, capsys):
+    harness, _ = _load_bench()
+    out = tmp_path / "paired.json"
+    args = bench_args(harness, tiny_model, tmp_path, out, "--threads", "2", "--paired", "10")
+    assert harness.run_cli(args) == 0
+    table = capsys.readouterr().out
+    assert "10 token pairs" in table and "| tg range over processes |" in table
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["threads"] == 2 and res["paired"] == 10 and res["errors"] == [] and res["runs_ok"] == 2
+    for run in res["runs"]:
+        assert len(run["pp_ratios"]) == harness.PAIRED_PP_PAIRS and run["tg_geomean"] > 0 and run["tg_geomean_se"] > 0
+    lo, hi = res["tg_geomean_range"]
+    assert lo <= res["tg_geomean_median"] <= hi
+
+
+def test_paired_measure_needs_the_adapter(tiny_model, tmp_path):
+    harness, _ = _load_bench()
+    with pytest.raises(ValueError, match="no-dmem"):
+        harness.run_bench([str(tiny_model)], [1], 1, 8, 4, [], dmem=False, paired=10, adapter_dir=str(tmp_path))
 
 
 def test_llamacpp_worker_is_standalone():

@@ -82,7 +82,7 @@ py::list metadata_items(const ModelHandle & m) {
 }
 
 ContextHandle * new_context(py::object model_obj, int32_t n_ctx, int32_t n_batch, int32_t n_threads, int kv_type,
-                            bool dmem_fused) {
+                            bool dmem_fused, int32_t poll) {
     ModelHandle & m = model_obj.cast<ModelHandle &>();
     m.require_open();
     dm_context_params p = dm_context_default_params();
@@ -91,6 +91,7 @@ ContextHandle * new_context(py::object model_obj, int32_t n_ctx, int32_t n_batch
     p.n_threads = n_threads;
     p.kv_type = static_cast<dm_kv_type>(kv_type);
     p.dmem_fused = dmem_fused;
+    p.poll = poll;
     dm_context * c = dm_context_new(m.ptr, p);
     check(c != nullptr);
     return new ContextHandle(c, m.owner, dm_model_n_vocab(m.ptr));
@@ -170,7 +171,7 @@ void bind_model(py::module_ & m) {
 
     py::class_<ContextHandle>(m, "Context")
         .def(py::init(&new_context), py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"),
-             py::arg("kv_type"), py::arg("dmem_fused") = true)
+             py::arg("kv_type"), py::arg("dmem_fused") = true, py::arg("poll") = 50)
         .def("close", &ContextHandle::close)
         .def_property_readonly("closed", [](const ContextHandle & s) { return s.ptr == nullptr; })
         .def_property_readonly("ptr", [](const ContextHandle & s) { s.require_open(); return reinterpret_cast<intptr_t>(s.ptr); })

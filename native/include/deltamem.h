@@ -59,6 +59,9 @@ struct dm_context_params {
     int32_t         n_threads;   // <= 0: physical cores
     enum dm_kv_type kv_type;
     bool            dmem_fused;  // δ-mem prefill scans as one fused CPU op (true) or unrolled portable ops
+    int32_t         poll;        // 0..100: how long idle worker threads poll for the next pass before they
+                                 // sleep (ggml's threadpool poll; 50 default, 0 sleeps at once: several
+                                 // contexts taking turns in one process, or a host that wants idle cores)
 };
 struct dm_context_params dm_context_default_params(void);
 

@@ -72,6 +72,7 @@ dm_context_params dm_context_default_params(void) {
     p.n_threads = 0;
     p.kv_type = DM_KV_F16;
     p.dmem_fused = true;
+    p.poll = 50;
     return p;
 }
 

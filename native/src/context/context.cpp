@@ -34,12 +34,14 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
     params.n_batch = std::min(params.n_batch, params.n_ctx);
     if (params.n_threads <= 0) params.n_threads = dm_physical_cores();
     if (params.kv_type != DM_KV_F16 && params.kv_type != DM_KV_F32) fail("unknown KV cache type %d", params.kv_type);
+    if (params.poll < 0 || params.poll > 100) fail("poll must be in 0..100, got %d", params.poll);
 
     backend = ggml_backend_cpu_init();
     if (!backend) fail("cannot initialise the CPU backend");
     // One pool of worker threads for the life of the context: spawning threads per pass costs
     // more than a single-token mat-vec on small models.
     ggml_threadpool_params tpp = ggml_threadpool_params_default(params.n_threads);
+    tpp.poll = static_cast<uint32_t>(params.poll);
     threadpool = ggml_threadpool_new(&tpp);
     if (!threadpool) fail("cannot create a thread pool of %d threads", params.n_threads);
     ggml_backend_cpu_set_n_threads(backend, params.n_threads);
