@@ -75,7 +75,7 @@ def ours_worker(spec: dict) -> dict:
             fresh()
             ctx.decode(tg_tokens[:1], logits="last")
 
-    out: dict = {"load_s": load_s}
+    out: dict = {"load_s": load_s, "system_info": pydeltamem.system_info(), "version": pydeltamem.__version__}
     if pp_tokens:
         fresh()
         t = time.perf_counter()

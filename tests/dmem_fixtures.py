@@ -18,27 +18,9 @@ from pathlib import Path
 
 import torch
 
-HEADS = ("q", "k", "v", "o")
+from pydeltamem.bench.make_models import RELEASE_ADAPTER_CONFIG as RELEASED_CONFIG   # the benchmark's too
 
-RELEASED_CONFIG = {
-    "rank": 8,
-    "alpha": 16,
-    "beta_bias_init": -2.0,
-    "normalize_qk": True,
-    "couple_lambda": True,
-    "state_update_mode": "standard",
-    "rankwise_gates": True,
-    "num_state_heads": 1,
-    "memory_write_granularity": "token",
-    "delta_heads": ["q", "o"],
-    "target_layers": None,
-    "delta_o_rmsnorm": False,
-    "delta_o_rmsnorm_eps": 1e-6,
-    "trainable_delta_scale": False,
-    "delta_scale_max": 1.0,
-    "delta_scale_granularity": "scalar",
-    "memory_readout_mode": "delta",
-}
+HEADS = ("q", "k", "v", "o")
 
 ALL_HEADS = {"delta_heads": ["q", "k", "v", "o"]}
 VARIANTS: dict[str, dict] = {

@@ -150,6 +150,7 @@ std::vector<dm_token> context_tokens(const ContextHandle & c) {
 } // namespace
 
 void bind_model(py::module_ & m) {
+    m.def("system_info", [] { return std::string(dm_system_info()); });
     py::class_<ModelHandle>(m, "Model")
         .def(py::init(&load_model), py::arg("path"), py::arg("use_mmap") = true, py::arg("adapter") = py::none(),
              py::arg("use_repack") = true)

@@ -22,6 +22,10 @@ typedef struct dm_generator dm_generator;
 // Message of the last failed call on this thread ("" when none).
 const char * dm_last_error(void);
 
+// What the ggml CPU backend this engine runs on was built with, as ggml reports it
+// ("AVX2 = 1 | F16C = 1 | ... | REPACK = 1"; OPENMP and LLAMAFILE appear in native builds).
+const char * dm_system_info(void);
+
 // ---- model -------------------------------------------------------------------------------------
 
 struct dm_model_params {

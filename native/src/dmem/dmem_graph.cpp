@@ -184,11 +184,6 @@ const dm_dmem_packed & dm_dmem_builder::weights(const dm_dmem_layer & l) const {
     return fused_ops && n_tokens <= k_few_tokens && l.f16.w_in ? l.f16 : l.f32;
 }
 
-ggml_tensor * dm_dmem_builder::linear(const dm_linear & target, ggml_tensor * x) const {
-    ggml_tensor * y = ggml_mul_mat(ctx, target.w, x);
-    return target.bias ? ggml_add(ctx, y, target.bias) : y;
-}
-
 // Few tokens: the memory op computes the target's rows itself, with ggml's vec_dot, so that
 // the target's mat-mul node (and its barriers) goes.
 bool dm_dmem_builder::op_computes(const dm_linear & target, ggml_tensor * x) const {
@@ -206,7 +201,7 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
     const bool project_inside = n_tokens <= k_few_tokens && ggml_is_contiguous(x);
     ggml_tensor * w_in = weights(l).w_in;
     const bool own = op_computes(target, x);
-    ggml_tensor * y = target.w && !own ? linear(target, x) : nullptr;
+    ggml_tensor * y = target.w && !own ? target.apply(ctx, x) : nullptr;
     const bool ride = y && ggml_is_contiguous(y);
     const int64_t rows = own ? target.w->ne[1] : ride ? y->ne[0] : 0;
     const int64_t size = n_tokens * D + rows * n_tokens + (project_inside ? w_in->ne[1] * n_tokens : 0);
@@ -232,7 +227,7 @@ dm_dmem_builder::layer_pass dm_dmem_builder::read_and_write(const dm_dmem_layer 
     if (fused_ops) return fused(l, state, x, target, w_delta_t);
     layer_pass r{};
     r.reads = portable(project(l, x), state);
-    if (target.w) r.corrected = correct(linear(target, x), w_delta_t, r.reads);
+    if (target.w) r.corrected = correct(target.apply(ctx, x), w_delta_t, r.reads);
     return r;
 }
 

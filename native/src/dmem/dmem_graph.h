@@ -33,6 +33,11 @@ struct dm_linear {
     ggml_tensor * w    = nullptr;
     ggml_tensor * bias = nullptr;
     bool          plain = false;
+
+    ggml_tensor * apply(ggml_context * ctx, ggml_tensor * x) const {   // as graph nodes
+        ggml_tensor * y = ggml_mul_mat(ctx, w, x);
+        return bias ? ggml_add(ctx, y, bias) : y;
+    }
 };
 
 // Graph inputs the δ-mem ops need, shared by every layer of a pass.
@@ -92,7 +97,6 @@ private:
     ggml_tensor * read(ggml_tensor * S, ggml_tensor * q_col) const;     // -> [D, 1]
     ggml_tensor * write(ggml_tensor * S, ggml_tensor * k_col, ggml_tensor * v_col, const gates & g) const;
     ggml_tensor * portable(const projections & p, ggml_tensor * state);
-    ggml_tensor * linear(const dm_linear & target, ggml_tensor * x) const;   // W x (+ bias) as graph nodes
     bool          op_computes(const dm_linear & target, ggml_tensor * x) const;
     layer_pass    fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x, const dm_linear & target,
                         ggml_tensor * w_delta_t);

@@ -25,8 +25,7 @@ struct forward_builder {
     }
 
     ggml_tensor * linear(ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias) const {
-        ggml_tensor * y = ggml_mul_mat(ctx, w, x);
-        return bias ? ggml_add(ctx, y, bias) : y;
+        return dm_linear{w, bias, false}.apply(ctx, x);
     }
 
     // x: [head_dim, n_heads, n_tokens]
