@@ -6,8 +6,9 @@
 #
 # Then compare with the portable wheel: VENV/bin/deltamem bench ...
 set -euo pipefail
-cd "$(dirname "$0")/.."
-venv="${1:-.venv-native}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$(realpath -m -- "${1:-$repo/.venv-native}")"
+cd "$repo"
 
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet scikit-build-core pybind11 numpy
@@ -19,8 +20,9 @@ CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
 
 config=$(ls "$venv"/lib/python3*/site-packages/libggml/lib*/cmake/ggml/ggml-config.cmake | head -n 1)
 grep -q 'set(GGML_NATIVE "ON")' "$config" || { echo "ggml was not built with GGML_NATIVE" >&2; exit 1; }
-# What the engine in the venv actually loaded (not just what the build was asked for).
-"$venv/bin/python" - <<'PY'
+# What the engine in the venv actually loaded (not just what the build was asked for); run outside
+# the checkout, whose pydeltamem/ folder would shadow the installed package.
+(cd "$venv" && "$venv/bin/python" - <<'PY'
 import pydeltamem
 info = pydeltamem.system_info()
 print("ggml:", info)
@@ -28,5 +30,6 @@ missing = [f for f in ("OPENMP", "LLAMAFILE") if f"{f} = 1" not in info]
 if missing:
     raise SystemExit(f"the engine's ggml lacks {', '.join(missing)}")
 PY
+)
 "$venv/bin/deltamem" generate "The capital of France is" -n 8 --temp 0
 echo "native ggml ready in $venv"

@@ -182,8 +182,6 @@ def smollm2_gguf() -> Path:
 @pytest.mark.slow
 def test_smollm2_q4_1_real_model():
     import gguf
-    import torch
-    from transformers import AutoModelForCausalLM
 
     path = smollm2_gguf()
     with pydeltamem.Model(path, n_ctx=256, n_threads=N_THREADS) as model:
@@ -192,12 +190,20 @@ def test_smollm2_q4_1_real_model():
 
     tokens = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
     assert tokens[int(got[-1].argmax())] == "ĠParis"  # byte-level BPE spelling of " Paris"
+    check_smollm2_logits(got, "SmolLM2 Q4_1")
 
+
+def check_smollm2_logits(got: np.ndarray, what: str) -> None:
+    """Logits of SMOLLM2_PROMPT against transformers' float32 run of the same GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_gguf()
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = reference(torch.tensor([SMOLLM2_PROMPT])).logits[0].numpy()
     diff = np.abs(got - ref)
-    print(f"SmolLM2 Q4_1 vs transformers: |diff| max {diff.max():.3f}, mean {diff.mean():.3f} "
+    print(f"{what} vs transformers: |diff| max {diff.max():.3f}, mean {diff.mean():.3f} "
           f"(per position {', '.join(f'{m:.3f}' for m in diff.mean(-1))}); max |ref| {np.abs(ref).max():.1f}; "
           f"top-1 agreement {(got.argmax(-1) == ref.argmax(-1)).mean():.2f}")
     assert diff.mean() <= SMOLLM2_MEAN_ABS_TOLERANCE
