@@ -148,7 +148,6 @@ def paired_worker(spec: dict) -> dict:
             ratios.append(pair(i, pp_tokens))
         out["pp_ratios"] = [round(r, 5) for r in ratios]
     if tg_tokens:
-        fresh()
         logs = []
         for i in range(spec["paired"]):
             k = i % len(tg_tokens)
