@@ -55,7 +55,7 @@ void add_correction(const ggml_tensor * y, const ggml_tensor * residual, const g
     for (int64_t t = 0; t < n; ++t) {
         const float * src = column(y, t) + first;
         float * dst = reinterpret_cast<float *>(reinterpret_cast<char *>(out) + t * out_nb1);
-        std::copy(src, src + len, dst + first);
+        if (src != dst + first) std::copy(src, src + len, dst + first);   // equal: in place
         if (residual) {
             const float * res = column(residual, t) + first;
             for (int64_t i = 0; i < len; ++i) dst[first + i] += res[i];

@@ -36,7 +36,8 @@ struct dm_memory_op {
 //   [1] the gate biases [G (+ G)]    [2] the state [r, r, H], updated in place
 //   [3] the plan [n + 1] i32 (dm_dmem_builder::set_inputs)
 //   [4] w_in [n_embd, 3D + G (+ G)]: the op projects x itself (few tokens), or null
-//   [5] y [rows, n] and [6] W_Δᵀ [rows, D]: a correction y + W_Δ o done in the same op, or null
+//   [5] y [rows, n] and [6] W_Δᵀ [rows, D]: a correction y + W_Δ o done in the same op (few
+//       tokens), or null
 //   [7] W [n_embd, rows] and [8] its bias [rows] or null, in place of [5]: y = W x (+ bias) is
 //       computed by the op itself (few tokens, W in a layout ggml's vec_dot reads)
 // dst, one dimension: the reads o transposed [n, D], then y + W_Δ o [rows, n] when [5] or [7] is
@@ -44,5 +45,5 @@ struct dm_memory_op {
 void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 
 // dst [rows, m] = y + W_Δ o (+ residual), from the sources y [rows, m], W_Δᵀ [rows, D], the reads
-// [n, D] of which y has the last m tokens, and the residual [rows, m] or null.
+// [n, D] of which y has the last m tokens, and the residual [rows, m] or null. dst may be y itself.
 void dm_correct_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);

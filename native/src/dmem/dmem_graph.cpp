@@ -202,7 +202,9 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
     ggml_tensor * w_in = weights(l).w_in;
     const bool own = op_computes(target, x);
     ggml_tensor * y = target.w && !own ? target.apply(ctx, x) : nullptr;
-    const bool ride = y && ggml_is_contiguous(y);
+    // Few tokens: the op copies y's rows and adds Δq, sparing a node. Many: Δq goes into y in place
+    // after the op, sparing a copy of [rows, n_tokens] floats through the caches.
+    const bool ride = y && ggml_is_contiguous(y) && n_tokens <= k_few_tokens;
     const int64_t rows = own ? target.w->ne[1] : ride ? y->ne[0] : 0;
     const int64_t size = n_tokens * D + rows * n_tokens + (project_inside ? w_in->ne[1] * n_tokens : 0);
     ggml_tensor * args[] = {project_inside ? x : project(l, x).packed, l.b_in, state, in.plan,
@@ -217,7 +219,7 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
     if (rows) {
         r.corrected = ggml_view_2d(ctx, out, rows, n_tokens, rows * sizeof(float), n_tokens * D * sizeof(float));
     } else if (y) {
-        r.corrected = correct(y, w_delta_t, r.reads);
+        r.corrected = ggml_is_contiguous(y) ? correct_in_place(y, w_delta_t, r.reads) : correct(y, w_delta_t, r.reads);
     }
     return r;
 }
@@ -237,6 +239,11 @@ ggml_tensor * dm_dmem_builder::correction(ggml_tensor * w_delta_t, ggml_tensor *
     }
     // Σ_d W_Δᵀ[:, d] ⊗ o[d, :]: an outer-product sum over the D memory dimensions.
     return ggml_out_prod(ctx, w_delta_t, reads_t);
+}
+
+ggml_tensor * dm_dmem_builder::correct_in_place(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t) const {
+    ggml_tensor * args[] = {w_delta_t, reads_t};
+    return ggml_custom_inplace(ctx, y, args, 2, dm_correct_cpu, GGML_N_TASKS_MAX, nullptr);
 }
 
 ggml_tensor * dm_dmem_builder::correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,

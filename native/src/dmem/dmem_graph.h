@@ -75,6 +75,8 @@ struct dm_dmem_builder {
     // of which y holds the last m tokens (m < n_tokens when only the last tokens go on).
     ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
                           ggml_tensor * residual = nullptr) const;
+    // The same added into y (contiguous, read by nothing else) with the fused CPU op.
+    ggml_tensor * correct_in_place(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t) const;
     // W_Δ o alone for the last m tokens: [out, m] (portable ops).
     ggml_tensor * correction(ggml_tensor * w_delta_t, ggml_tensor * reads_t, int64_t m) const;
     // Host data of the inputs (once allocated) for a plan of the same shape as the built one.
