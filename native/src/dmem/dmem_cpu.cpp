@@ -64,23 +64,24 @@ void add_correction(const ggml_tensor * y, const ggml_tensor * residual, const g
     }
 }
 
-// The read-before-write recurrence of one pass, on one thread.
+// The read-before-write recurrence of one pass. What each token contributes apart from the state
+// (its normalised q and k, its gates) does not depend on the others: with many tokens the op's
+// threads compute those terms in parallel, and only the recurrence runs on one thread.
 struct scan_kernel {
     const dm_dmem_config & c;
     float * S;   // [H][r][r], rows i (value dims) then columns j (key dims)
     int32_t r, H, D, G;
-    float * qn, * kn, * keep, * erase, * wr, * gate_logits;   // D each, gate_logits 2G
 
-    scan_kernel(const dm_dmem_config & cfg, float * state, std::vector<float> & scratch)
-        : c(cfg), S(state), r(cfg.rank), H(cfg.n_heads), D(cfg.width()), G(cfg.gate_width) {
-        scratch.resize(5 * static_cast<size_t>(D) + 2 * static_cast<size_t>(G));
-        float * p = scratch.data();
-        for (float ** v : {&qn, &kn, &keep, &erase, &wr}) {
-            *v = p;
-            p += D;
-        }
-        gate_logits = p;
-    }
+    // One token's terms, D each: qn | kn | write gate | keep gate | erase gate.
+    static constexpr int32_t n_terms = 5;
+    struct terms {
+        const float * qn, * kn, * wr, * keep, * erase;
+        terms(const float * block, int32_t D)
+            : qn(block), kn(block + D), wr(block + 2 * D), keep(block + 3 * D), erase(block + 4 * D) {}
+    };
+
+    scan_kernel(const dm_dmem_config & cfg, float * state)
+        : c(cfg), S(state), r(cfg.rank), H(cfg.n_heads), D(cfg.width()), G(cfg.gate_width) {}
 
     // tanh then L2 per head chunk (x / max(‖x‖, eps)), as ggml_tanh + ggml_l2_norm compute it.
     void normalize(const float * raw, float * out) const {
@@ -97,16 +98,14 @@ struct scan_kernel {
         }
     }
 
-    // β (and λ) logits of a projection column plus their biases -> the write, erase and keep gates.
-    void gates(const float * col, const float * bias, bool has_lambda) {
-        for (int32_t g = 0; g < G; ++g) gate_logits[g] = col[3 * D + g] + bias[g];
-        for (int32_t g = 0; has_lambda && g < G; ++g) gate_logits[G + g] = col[3 * D + G + g] + bias[G + g];
+    // β (and λ) logits of a projection column plus their biases -> the write, keep and erase gates.
+    void gates(const float * col, const float * bias, bool has_lambda, float * wr, float * keep, float * erase) const {
         const bool rankwise = G == D;
         for (int32_t h = 0; h < H; ++h) {
             for (int32_t i = 0; i < r; ++i) {
                 const int32_t g = rankwise ? h * r + i : h;
-                const float b = sigmoid(gate_logits[g]);
-                const float l = c.couple_lambda ? 1.0f - b : sigmoid(gate_logits[G + g]);
+                const float b = sigmoid(col[3 * D + g] + bias[g]);
+                const float l = c.couple_lambda || !has_lambda ? 1.0f - b : sigmoid(col[3 * D + G + g] + bias[G + g]);
                 const int32_t row = h * r + i;
                 wr[row] = b;
                 switch (c.update_mode) {
@@ -118,8 +117,15 @@ struct scan_kernel {
         }
     }
 
+    // The terms of the token whose projections are col (q | k | v | β (| λ)) into block [n_terms D].
+    void token_terms(const float * col, const float * bias, bool has_lambda, float * block) const {
+        normalize(col, block);
+        normalize(col + D, block + D);
+        gates(col, bias, has_lambda, block + 2 * D, block + 3 * D, block + 4 * D);
+    }
+
     // o[d * stride] for the D read dimensions d.
-    void read(float * o, int64_t stride) const {
+    void read(const float * qn, float * o, int64_t stride) const {
         for (int32_t h = 0; h < H; ++h) {
             for (int32_t i = 0; i < r; ++i) {
                 const float * row = S + (static_cast<size_t>(h) * r + i) * r;
@@ -130,16 +136,16 @@ struct scan_kernel {
         }
     }
 
-    void write(const float * v) {
+    void write(const terms & tt, const float * v) {
         for (int32_t h = 0; h < H; ++h) {
             for (int32_t i = 0; i < r; ++i) {
                 float * row = S + (static_cast<size_t>(h) * r + i) * r;
-                const float * k = kn + h * r;
+                const float * k = tt.kn + h * r;
                 float sk = 0.0f;
                 for (int32_t j = 0; j < r; ++j) sk += row[j] * k[j];
                 const int32_t ri = h * r + i;
-                const float u = wr[ri] * v[ri] - erase[ri] * sk;
-                for (int32_t j = 0; j < r; ++j) row[j] = keep[ri] * row[j] + k[j] * u;
+                const float u = tt.wr[ri] * v[ri] - tt.erase[ri] * sk;
+                for (int32_t j = 0; j < r; ++j) row[j] = tt.keep[ri] * row[j] + k[j] * u;
             }
         }
     }
@@ -153,29 +159,26 @@ struct projections {
 };
 
 // Reads into reads[t + d n] and writes the state, as the plan says (plan[n] = 0: token writes;
-// 1: every token reads the start state, then each write item writes the mean of its tokens).
-void scan(scan_kernel & kr, const projections & p, int64_t n, const float * gate_bias, bool has_lambda,
-          const int32_t * plan, float * reads) {
+// 1: every token reads the start state, then each write item writes the mean of its tokens), from
+// the tokens' terms [n][n_terms D] (scan_kernel::token_terms of each column of p).
+void scan(scan_kernel & kr, const projections & p, int64_t n, const float * terms, const float * gate_bias,
+          bool has_lambda, const int32_t * plan, float * reads, std::vector<float> & scratch) {
     const int32_t D = kr.D;
+    const size_t block = static_cast<size_t>(scan_kernel::n_terms) * D;
     if (plan[n] == 0) {
         for (int64_t t = 0; t < n; ++t) {
-            const float * col = p.col(t);
-            kr.normalize(col, kr.qn);
-            kr.read(reads + t, n);
-            kr.normalize(col + D, kr.kn);
-            kr.gates(col, gate_bias, has_lambda);
-            kr.write(col + 2 * D);
+            const scan_kernel::terms tt(terms + t * block, D);
+            kr.read(tt.qn, reads + t, n);
+            kr.write(tt, p.col(t) + 2 * D);
         }
         return;
     }
-    for (int64_t t = 0; t < n; ++t) {
-        kr.normalize(p.col(t), kr.qn);
-        kr.read(reads + t, n);
-    }
+    for (int64_t t = 0; t < n; ++t) kr.read(scan_kernel::terms(terms + t * block, D).qn, reads + t, n);
     int32_t n_items = 0;
     for (int64_t t = 0; t < n; ++t) n_items = std::max(n_items, plan[t] + 1);
     // The mean of the projections is the projection of the mean x (they are linear).
     std::vector<float> mean(static_cast<size_t>(p.rows));
+    scratch.resize(block);
     for (int32_t item = 0; item < n_items; ++item) {
         std::fill(mean.begin(), mean.end(), 0.0f);
         int32_t count = 0;
@@ -187,9 +190,8 @@ void scan(scan_kernel & kr, const projections & p, int64_t n, const float * gate
         }
         const float inv = 1.0f / static_cast<float>(std::max(count, 1));
         for (float & x : mean) x *= inv;
-        kr.normalize(mean.data() + D, kr.kn);
-        kr.gates(mean.data(), gate_bias, has_lambda);
-        kr.write(mean.data() + 2 * D);
+        kr.token_terms(mean.data(), gate_bias, has_lambda, scratch.data());
+        kr.write(scan_kernel::terms(scratch.data(), D), mean.data() + 2 * D);
     }
 }
 
@@ -243,6 +245,10 @@ void project_rows(const ggml_tensor * in, const ggml_tensor * w_in, float * out,
 
 dm_memory_op::dm_memory_op(const dm_dmem_config & c) : cfg(&c), threads(GGML_MAX_N_THREADS) {}
 
+int64_t dm_memory_op_size(int64_t n_tokens, int64_t D, int64_t rows, int64_t projection_rows) {
+    return n_tokens * (D + rows + projection_rows + scan_kernel::n_terms * D);
+}
+
 void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     auto & op = *static_cast<dm_memory_op *>(userdata);
     const dm_dmem_config & cfg = *op.cfg;
@@ -257,19 +263,31 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const computed_rows target{in, w, dst->src[8], dst->src[6], reads, corrected, rows, n};
 
     projections p{column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
-    if (w_in) {   // few tokens: each thread projects its share of the rows, thread 0 waits for all
+    float * out = corrected + rows * n;   // after the corrected rows: the projections [p_rows, n] with [4]
+    float * terms = out + (w_in ? w_in->ne[1] * n : 0);   // then the tokens' terms [n][n_terms D]
+    const size_t block = static_cast<size_t>(scan_kernel::n_terms) * D;
+    const float * gate_bias = static_cast<const float *>(dst->src[1]->data);
+    const bool has_lambda = dst->src[1]->ne[0] == 2 * cfg.gate_width;
+    scan_kernel kr(cfg, static_cast<float *>(dst->src[2]->data));
+    auto compute_terms = [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; ++t) kr.token_terms(p.col(t), gate_bias, has_lambda, terms + t * block);
+    };
+    // Each thread does its share of the first phase (few tokens: the projections of x; many: the
+    // tokens' terms) and counts itself in; thread 0 waits for all, then scans.
+    if (w_in) {
         const int64_t p_rows = w_in->ne[1];
-        float * out = corrected + rows * n;   // after the corrected rows: [p_rows, n]
         const row_range r(p_rows, ith, nth);
         project_rows(in, w_in, out, r.first, r.last);
-        op.projected.fetch_add(1, std::memory_order_acq_rel);
-        if (ith == 0) while (op.projected.load(std::memory_order_acquire) < nth) cpu_relax();
         p = {out, p_rows, p_rows};
+    } else {
+        compute_terms(n * ith / nth, n * (ith + 1) / nth);
     }
-    if (ith == 0) {   // the scan is sequential and tiny: one thread does it, the others go on to the rows
-        scan_kernel kr(cfg, static_cast<float *>(dst->src[2]->data), op.scratch);
-        scan(kr, p, n, static_cast<const float *>(dst->src[1]->data), dst->src[1]->ne[0] == 2 * cfg.gate_width,
-             static_cast<const int32_t *>(dst->src[3]->data), reads);
+    op.arrived.fetch_add(1, std::memory_order_acq_rel);
+    if (ith == 0) {   // the recurrence is sequential and tiny: one thread does it, the others go on to the rows
+        while (op.arrived.load(std::memory_order_acquire) < nth) cpu_relax();
+        if (w_in) compute_terms(0, n);
+        scan(kr, p, n, terms, gate_bias, has_lambda, static_cast<const int32_t *>(dst->src[3]->data), reads,
+             op.scratch);
         op.reads_ready.store(true, std::memory_order_release);
     }
     auto wait_for_reads = [&] { while (!op.reads_ready.load(std::memory_order_acquire)) cpu_relax(); };
@@ -302,7 +320,7 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
     // The last thread out readies the op for its next call (ggml's barrier after the node orders it).
     if (op.finished.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
-        op.projected.store(0, std::memory_order_relaxed);
+        op.arrived.store(0, std::memory_order_relaxed);
         op.next_chunk.store(0, std::memory_order_relaxed);
         op.reads_ready.store(false, std::memory_order_relaxed);
         op.finished.store(0, std::memory_order_relaxed);

@@ -21,9 +21,9 @@ struct dm_memory_op {
     };
 
     const dm_dmem_config *  cfg = nullptr;
-    std::vector<float>      scratch;   // the scan's work vectors (thread 0 only)
+    std::vector<float>      scratch;   // the terms of a mean write (thread 0 only)
     std::vector<per_thread> threads;   // one per possible thread: each touches its own only
-    alignas(64) std::atomic<int32_t> projected{0};    // threads done projecting in the current call
+    alignas(64) std::atomic<int32_t> arrived{0};      // threads done with the call's first phase
     alignas(64) std::atomic<int32_t> next_chunk{0};
     alignas(64) std::atomic<int32_t> finished{0};     // threads done with the current call
     alignas(64) std::atomic<bool>    reads_ready{false};
@@ -41,8 +41,10 @@ struct dm_memory_op {
 //   [7] W [n_embd, rows] and [8] its bias [rows] or null, in place of [5]: y = W x (+ bias) is
 //       computed by the op itself (few tokens, W in a layout ggml's vec_dot reads)
 // dst, one dimension: the reads o transposed [n, D], then y + W_Δ o [rows, n] when [5] or [7] is
-// set, then room for the projections [3D + G (+ G), n] when [4] is set.
+// set, then room for the projections [3D + G (+ G), n] when [4] is set, then for the tokens' scan
+// terms [n][5 D]: dm_memory_op_size floats in all.
 void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
+int64_t dm_memory_op_size(int64_t n_tokens, int64_t D, int64_t rows, int64_t projection_rows);
 
 // dst [rows, m] = y + W_Δ o (+ residual), from the sources y [rows, m], W_Δᵀ [rows, D], the reads
 // [n, D] of which y has the last m tokens, and the residual [rows, m] or null. dst may be y itself.

@@ -206,7 +206,7 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
     // after the op, sparing a copy of [rows, n_tokens] floats through the caches.
     const bool ride = y && ggml_is_contiguous(y) && n_tokens <= k_few_tokens;
     const int64_t rows = own ? target.w->ne[1] : ride ? y->ne[0] : 0;
-    const int64_t size = n_tokens * D + rows * n_tokens + (project_inside ? w_in->ne[1] * n_tokens : 0);
+    const int64_t size = dm_memory_op_size(n_tokens, D, rows, project_inside ? w_in->ne[1] : 0);
     ggml_tensor * args[] = {project_inside ? x : project(l, x).packed, l.b_in, state, in.plan,
                             project_inside ? w_in : nullptr, ride ? y : nullptr, rows ? w_delta_t : nullptr,
                             own ? target.w : nullptr, own ? target.bias : nullptr};
