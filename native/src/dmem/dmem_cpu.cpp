@@ -213,10 +213,11 @@ struct computed_rows {
 
     // Rows [first, last) of W x (+ bias), before their correction.
     void compute(int64_t first, int64_t last, const std::vector<char> & x_dot) const {
+        const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
+        const size_t x_row = x_dot.size() / static_cast<size_t>(n);   // bytes of one token's converted x
         for (int64_t t = 0; t < n; ++t) {
             float * dst = out + t * rows;
-            const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
-            const char * xt = x_dot.data() + static_cast<size_t>(t) * (x_dot.size() / static_cast<size_t>(n));   // token t's row
+            const char * xt = x_dot.data() + static_cast<size_t>(t) * x_row;
             for (int64_t i = first; i < last; ++i) {
                 dot(static_cast<int>(x->ne[0]), dst + i, 0, static_cast<const char *>(w->data) + i * w->nb[1], 0, xt, 0, 1);
             }

@@ -202,8 +202,8 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
     ggml_tensor * w_in = weights(l).w_in;
     const bool own = op_computes(target, x);
     ggml_tensor * y = target.w && !own ? target.apply(ctx, x) : nullptr;
-    // Few tokens: the op copies y's rows and adds Δq, sparing a node. Many: Δq goes into y in place
-    // after the op, sparing a copy of [rows, n_tokens] floats through the caches.
+    // Few tokens: the op copies y's rows and adds Δq, sparing a node. Many: correct() adds Δq into y
+    // in place after the op, sparing a copy of [rows, n_tokens] floats through the caches.
     const bool ride = y && ggml_is_contiguous(y) && n_tokens <= k_few_tokens;
     const int64_t rows = own ? target.w->ne[1] : ride ? y->ne[0] : 0;
     const int64_t size = dm_memory_op_size(n_tokens, D, rows, project_inside ? w_in->ne[1] : 0);
@@ -219,7 +219,7 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
     if (rows) {
         r.corrected = ggml_view_2d(ctx, out, rows, n_tokens, rows * sizeof(float), n_tokens * D * sizeof(float));
     } else if (y) {
-        r.corrected = ggml_is_contiguous(y) ? correct_in_place(y, w_delta_t, r.reads) : correct(y, w_delta_t, r.reads);
+        r.corrected = correct(y, w_delta_t, r.reads);
     }
     return r;
 }
@@ -241,11 +241,6 @@ ggml_tensor * dm_dmem_builder::correction(ggml_tensor * w_delta_t, ggml_tensor *
     return ggml_out_prod(ctx, w_delta_t, reads_t);
 }
 
-ggml_tensor * dm_dmem_builder::correct_in_place(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t) const {
-    ggml_tensor * args[] = {w_delta_t, reads_t};
-    return ggml_custom_inplace(ctx, y, args, 2, dm_correct_cpu, GGML_N_TASKS_MAX, nullptr);
-}
-
 ggml_tensor * dm_dmem_builder::correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
                                        ggml_tensor * residual) const {
     const bool one_op = fused_ops && ggml_is_contiguous(y) && (!residual || ggml_is_contiguous(residual));
@@ -253,7 +248,7 @@ ggml_tensor * dm_dmem_builder::correct(ggml_tensor * y, ggml_tensor * w_delta_t,
         ggml_tensor * sum = ggml_add(ctx, y, correction(w_delta_t, reads_t, y->ne[1]));
         return residual ? ggml_add(ctx, residual, sum) : sum;
     }
-    ggml_tensor * args[] = {y, w_delta_t, reads_t, residual};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, y->ne[0], y->ne[1], 1, 1, args, residual ? 4 : 3, dm_correct_cpu,
-                          GGML_N_TASKS_MAX, nullptr);
+    // y is a projection that only this correction reads: the sum goes into it, sparing a copy.
+    ggml_tensor * args[] = {w_delta_t, reads_t, residual};
+    return ggml_custom_inplace(ctx, y, args, residual ? 3 : 2, dm_correct_cpu, GGML_N_TASKS_MAX, nullptr);
 }

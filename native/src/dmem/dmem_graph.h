@@ -72,11 +72,10 @@ struct dm_dmem_builder {
     // few-token passes of the fused ops, f32 otherwise.
     const dm_dmem_packed & weights(const dm_dmem_layer & l) const;
     // y + W_Δ o (+ residual) for y [out, m], w_delta_t = W_Δᵀ [out, D] and the reads [n_tokens, D]
-    // of which y holds the last m tokens (m < n_tokens when only the last tokens go on).
+    // of which y holds the last m tokens (m < n_tokens when only the last tokens go on). y must be
+    // read by nothing else: the fused CPU op writes the sum into it.
     ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
                           ggml_tensor * residual = nullptr) const;
-    // The same added into y (contiguous, read by nothing else) with the fused CPU op.
-    ggml_tensor * correct_in_place(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t) const;
     // W_Δ o alone for the last m tokens: [out, m] (portable ops).
     ggml_tensor * correction(ggml_tensor * w_delta_t, ggml_tensor * reads_t, int64_t m) const;
     // Host data of the inputs (once allocated) for a plan of the same shape as the built one.
