@@ -1,7 +1,18 @@
 """pydeltamem: local LLM inference on ggml with δ-mem online associative memory."""
+import glob as _glob
 import os as _os
 
-from . import _core
+try:
+    from . import _core
+except ImportError as _e:
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if not _glob.glob(_os.path.join(_here, "_core*")):
+        raise ImportError(
+            f"pydeltamem's compiled engine (_core) is not in {_here}: this is the package's source tree, "
+            "which Python imports instead of the installed package when run from the checkout's root. "
+            "Run Python from another folder to use the installed package, or build the engine in place "
+            "with `pip install -e .`") from None
+    raise
 from .model import Context, Model
 
 __all__ = ["Model", "Context", "get_include", "get_lib_dir", "system_info"]

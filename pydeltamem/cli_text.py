@@ -6,7 +6,8 @@ import os
 import sys
 from typing import TextIO
 
-from .defaults import default_model_path
+from .defaults import default_model_path, model_path_from_spec
+from .hub import adapter_gguf_from_hub
 from .model import Model
 from .session import ChatSession
 
@@ -15,21 +16,25 @@ SAMPLING_DEFAULTS = {"generate": 0.8, "chat": 0.2}   # temperatures of create_co
 
 def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None, adapter: str | None = None) -> Model:
     """A Model from -m: a GGUF path, REPO_ID:FILENAME_GLOB on the Hugging Face Hub, or (None) the
-    embedded default model; adapter: a δ-mem adapter GGUF."""
-    options = {"n_ctx": n_ctx, "n_threads": n_threads, "adapter": adapter}
-    if spec is None:
-        return Model(default_model_path(), **options)
-    if os.path.exists(spec) or ":" not in spec:
-        return Model(spec, **options)
-    repo_id, _, pattern = spec.partition(":")
-    if not repo_id or not pattern:
-        raise ValueError(f"-m expects a GGUF path or REPO_ID:FILENAME_GLOB, got {spec!r}")
-    return Model.from_pretrained(repo_id, pattern, **options)
+    default model (pydeltamem.defaults); adapter: a δ-mem adapter GGUF, or the REPO_ID of an official
+    δ-mem release on the Hub (converted once for this model)."""
+    path = default_model_path() if spec is None else model_path_from_spec(spec)
+    if adapter is not None and not os.path.exists(adapter) and _looks_like_repo_id(adapter):
+        adapter = adapter_gguf_from_hub(adapter, path)
+    return Model(path, n_ctx=n_ctx, n_threads=n_threads, adapter=adapter)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    owner, slash, name = text.partition("/")
+    return bool(slash and owner and name) and "/" not in name and not text.endswith(".gguf")
 
 
 def _add_model_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("-m", "--model", metavar="MODEL",
                    help="GGUF path or REPO_ID:FILENAME_GLOB (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", metavar="ADAPTER",
+                   help="δ-mem adapter: a GGUF (see deltamem convert-adapter) or the REPO_ID of an official release "
+                        "on the Hugging Face Hub, e.g. declare-lab/delta-mem_qwen3_4b-instruct")
     p.add_argument("--temp", type=float, default=SAMPLING_DEFAULTS[command], metavar="T",
                    help=f"temperature, 0 = greedy (default {SAMPLING_DEFAULTS[command]})")
     p.add_argument("--top-k", type=int, default=40, metavar="K", help="top-k (default 40)")
@@ -61,7 +66,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                              "(clear memory and conversation), /drop (drop the context, keep "
                                              "the memory).")
     chat.add_argument("--system", metavar="TEXT", help="system prompt")
-    chat.add_argument("--adapter", metavar="ADAPTER", help="δ-mem adapter GGUF (see deltamem convert-adapter)")
     chat.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N",
                       help="tokens per answer at most (default: until the end of the turn)")
     _add_model_options(chat, "chat")
@@ -74,7 +78,7 @@ def _write(out: TextIO, text: str) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
+    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, adapter=args.adapter)
     if not args.no_echo:
         _write(sys.stdout, args.prompt)
     for chunk in model.create_completion(args.prompt, max_tokens=args.max_tokens, stream=True, **_sampling(args)):

@@ -1,8 +1,13 @@
-"""GGUF files from the Hugging Face Hub (through huggingface_hub and its local cache)."""
+"""Files from the Hugging Face Hub (through huggingface_hub and its local cache): GGUF models, and
+δ-mem adapters in the official release format, converted once to GGUF beside the cached release."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import hashlib
+import json
 import os
+from pathlib import Path
 
 try:
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -56,3 +61,47 @@ def _the_one_match(repo_id: str, pattern: str, files: list[str]) -> str:
                          f"{', '.join(ggufs) or '(none)'}")
     raise ValueError(f"{len(matches)} files of {repo_id!r} match {pattern!r}, one is needed; "
                      f"candidates: {', '.join(matches)}")
+
+
+# The files of an official δ-mem release (declare-lab/delta-Mem's save_delta_mem_adapter writes the
+# config and the .pt; a safetensors copy is accepted too).
+ADAPTER_RELEASE_FILES = ("delta_mem_config.json", "delta_mem_adapter.pt", "delta_mem_adapter.safetensors")
+
+
+def download_adapter_release(repo_id: str, *, cache_dir: str | os.PathLike | None = None,
+                             revision: str | None = None) -> str:
+    """Local folder of the δ-mem release repo_id (its config and weights only), downloading it when
+    needed; with HF_HUB_OFFLINE=1 only the cache is searched."""
+    from huggingface_hub import snapshot_download
+
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+    try:
+        folder = snapshot_download(repo_id, cache_dir=cache_dir, revision=revision,
+                                   allow_patterns=list(ADAPTER_RELEASE_FILES), local_files_only=_offline())
+    except LocalEntryNotFoundError as e:
+        raise ValueError(f"δ-mem adapter {repo_id!r} is not in the Hugging Face cache and the Hub is offline "
+                         f"(HF_HUB_OFFLINE=1)") from e
+    if not os.path.isfile(os.path.join(folder, ADAPTER_RELEASE_FILES[0])):
+        raise ValueError(f"{repo_id!r} is not a δ-mem adapter release: it has no {ADAPTER_RELEASE_FILES[0]}")
+    return folder
+
+
+def adapter_gguf_from_hub(repo_id: str, model_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                          revision: str | None = None) -> str:
+    """A GGUF adapter for model_path converted from the δ-mem release repo_id.
+
+    The conversion runs once per release revision and backbone shape; its output lives in the
+    release's cache folder (models--ORG--NAME/deltamem/REVISION/), so deleting the cached repository
+    deletes it too. The converter checks the release against the model (layers, widths, arch)."""
+    from . import __version__
+    from .convert.adapter import convert_adapter, load_backbone
+
+    release = Path(download_adapter_release(repo_id, cache_dir=cache_dir, revision=revision))
+    backbone = dataclasses.asdict(dataclasses.replace(load_backbone(model_path), source=""))
+    key = hashlib.sha256(json.dumps({"backbone": backbone, "pydeltamem": __version__},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    converted = release.parent.parent / "deltamem" / release.name / f"adapter-{backbone['arch']}-{key}.gguf"
+    if not converted.is_file():
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        convert_adapter(release, converted, base=model_path)
+    return os.fspath(converted)

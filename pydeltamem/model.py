@@ -223,11 +223,20 @@ class Model:
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str = "*Q4_K_M.gguf", cache_dir: str | os.PathLike | None = None,
+                        *, adapter_repo: str | None = None, adapter_revision: str | None = None,
                         **kwargs: Any) -> "Model":
         """Downloads (or finds in the Hugging Face cache) the one GGUF of repo_id matching the glob
-        filename, and loads it; kwargs go to Model()."""
-        from .hub import download_gguf
-        return cls(download_gguf(repo_id, filename, cache_dir=cache_dir), **kwargs)
+        filename, and loads it; kwargs go to Model(). adapter_repo names a δ-mem release on the Hub
+        (e.g. "declare-lab/delta-mem_qwen3_4b-instruct"): it is downloaded, converted once for this
+        model into the cache, checked against the model and loaded."""
+        from .hub import adapter_gguf_from_hub, download_gguf
+
+        path = download_gguf(repo_id, filename, cache_dir=cache_dir)
+        if adapter_repo is not None:
+            if kwargs.get("adapter") is not None:
+                raise ValueError("pass either adapter (a GGUF file) or adapter_repo (a Hub release), not both")
+            kwargs["adapter"] = adapter_gguf_from_hub(adapter_repo, path, cache_dir=cache_dir, revision=adapter_revision)
+        return cls(path, **kwargs)
 
 
 class Context:
