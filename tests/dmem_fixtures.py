@@ -136,11 +136,13 @@ TINY_VOCAB = 96
 
 def tiny_backbone(arch: str, vocab_size: int = TINY_VOCAB):
     """A tiny random float32 HF causal LM of the given architecture (eval mode)."""
+    import float64_attention
     from tiny_models import TINY_SPECS, make_config, random_model
 
     spec = TINY_SPECS[BACKBONE_SPECS[arch]]
     config = make_config(spec, vocab_size, {"bos": None, "eos": 1, "pad": 0})
-    config._attn_implementation = "eager"
+    float64_attention.register()
+    config._attn_implementation = float64_attention.FLOAT64_ATTENTION
     return random_model(config, spec.seed)
 
 
