@@ -9,9 +9,11 @@ from typing import TextIO
 from .defaults import default_model_path, model_path_from_spec
 from .hub import adapter_gguf_from_hub
 from .model import Model
+from .sampling import SamplingParams
 from .session import ChatSession
 
-SAMPLING_DEFAULTS = {"generate": 0.8, "chat": 0.2}   # temperatures of create_completion / create_chat_completion
+# The defaults each command samples with: create_completion's and create_chat_completion's.
+SAMPLING_DEFAULTS = {"generate": SamplingParams(), "chat": SamplingParams.chat()}
 
 
 def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None, adapter: str | None = None) -> Model:
@@ -35,17 +37,22 @@ def _add_model_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--adapter", metavar="ADAPTER",
                    help="δ-mem adapter: a GGUF (see deltamem convert-adapter) or the REPO_ID of an official release "
                         "on the Hugging Face Hub, e.g. declare-lab/delta-mem_qwen3_4b-instruct")
-    p.add_argument("--temp", type=float, default=SAMPLING_DEFAULTS[command], metavar="T",
-                   help=f"temperature, 0 = greedy (default {SAMPLING_DEFAULTS[command]})")
-    p.add_argument("--top-k", type=int, default=40, metavar="K", help="top-k (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="top-p (default 0.95)")
+    defaults = SAMPLING_DEFAULTS[command]
+    p.add_argument("--temp", type=float, default=defaults.temperature, metavar="T",
+                   help=f"temperature, 0 = greedy (default {defaults.temperature:g})")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K", help=f"top-k (default {defaults.top_k})")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, metavar="P", help=f"top-p (default {defaults.top_p:g})")
+    p.add_argument("--min-p", type=float, default=defaults.min_p, metavar="P", help=f"min-p (default {defaults.min_p:g})")
+    p.add_argument("--repeat-penalty", type=float, default=defaults.repeat_penalty, metavar="R",
+                   help=f"repeat penalty over the last {defaults.penalty_last_n} tokens (default {defaults.repeat_penalty:g})")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="RNG seed (default: random)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, metavar="N", help="context length (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: physical cores)")
 
 
-def _sampling(args: argparse.Namespace) -> dict:
-    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -81,7 +88,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, adapter=args.adapter)
     if not args.no_echo:
         _write(sys.stdout, args.prompt)
-    for chunk in model.create_completion(args.prompt, max_tokens=args.max_tokens, stream=True, **_sampling(args)):
+    for chunk in model.create_completion(args.prompt, max_tokens=args.max_tokens, stream=True, sampling=_sampling(args)):
         _write(sys.stdout, chunk["choices"][0]["text"])
     _write(sys.stdout, "\n")
     return 0
@@ -106,7 +113,7 @@ def _run_chat(args: argparse.Namespace) -> int:
             session = _chat_command(text, session, model)
             continue
         try:
-            for piece in session.chat(line, stream=True, max_tokens=args.max_tokens, **_sampling(args)):
+            for piece in session.chat(line, stream=True, max_tokens=args.max_tokens, sampling=_sampling(args)):
                 _write(sys.stdout, piece)
         except KeyboardInterrupt:   # Ctrl-C stops this answer, not the chat
             if not interactive:
