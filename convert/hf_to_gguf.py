@@ -1,14 +1,16 @@
 """Hugging Face checkpoint → GGUF, in llama.cpp's conventions: `deltamem convert HF_DIR -o OUT.gguf`.
 
-Supported: LlamaForCausalLM (`llama`), Qwen3ForCausalLM (`qwen3`), SmolLM3ForCausalLM (`smollm3`),
-with a byte-level BPE tokenizer. Weights are read one tensor at a time (memory-mapped) and written
-straight into a temporary file next to the output, renamed into place only when complete.
+Supported: LlamaForCausalLM (`llama`), Qwen2ForCausalLM (`qwen2`), Qwen3ForCausalLM (`qwen3`),
+SmolLM3ForCausalLM (`smollm3`), with a byte-level BPE tokenizer. Weights are read one tensor at a time
+(memory-mapped) and written straight into a temporary file next to the output, renamed into place only
+when complete.
 
 Tensor names (GGUF ← Hugging Face):
     token_embd.weight            ← model.embed_tokens.weight
     blk.N.attn_norm.weight       ← model.layers.N.input_layernorm.weight
-    blk.N.attn_{q,k,v}.{weight,bias} ← model.layers.N.self_attn.{q,k,v}_proj.*  (q/k rows permuted for llama/smollm3)
-    blk.N.attn_output.{weight,bias}  ← model.layers.N.self_attn.o_proj.*
+    blk.N.attn_{q,k,v}.{weight,bias} ← model.layers.N.self_attn.{q,k,v}_proj.*  (q/k rows permuted for llama/smollm3;
+                                        biases: always for qwen2, with attention_bias for the others)
+    blk.N.attn_output.{weight,bias}  ← model.layers.N.self_attn.o_proj.*  (bias with attention_bias; never qwen2)
     blk.N.attn_{q,k}_norm.weight ← model.layers.N.self_attn.{q,k}_norm.weight  (qwen3)
     blk.N.ffn_norm.weight        ← model.layers.N.post_attention_layernorm.weight
     blk.N.ffn_{gate,up,down}.weight ← model.layers.N.mlp.{gate,up,down}_proj.weight
@@ -35,14 +37,15 @@ from ._safetensors import SafetensorsCheckpoint
 
 HF_ARCH_TO_GGUF = {
     "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "SmolLM3ForCausalLM": "smollm3",
 }
 # llama.cpp rotates adjacent pairs ("normal" RoPE) for these, so their HF q/k rows (which rotate
-# the two halves of each head, NEOX style) are re-ordered at conversion time.
+# the two halves of each head, NEOX style) are re-ordered at conversion time. qwen2/qwen3 use NEOX RoPE.
 _PERMUTED_QK_ARCHS = {"llama", "smollm3"}
 # transformers' defaults when config.json omits tie_word_embeddings.
-_TIED_BY_DEFAULT = {"llama": False, "qwen3": False, "smollm3": True}
+_TIED_BY_DEFAULT = {"llama": False, "qwen2": False, "qwen3": False, "smollm3": True}
 
 OUTTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -97,7 +100,8 @@ class HParams:
     head_dim: int
     rope_theta: float
     rms_eps: float
-    attention_bias: bool
+    qkv_bias: bool  # q/k/v projections have biases
+    out_bias: bool  # the output projection has a bias
     tied_embeddings: bool
     no_rope_layers: list[int] | None  # smollm3 only: 1 = layer applies RoPE, 0 = NoPE layer
 
@@ -108,6 +112,8 @@ def read_hparams(config: dict) -> HParams:
     arch = _gguf_arch(config)
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
     _reject_unsupported_features(config)
+    # Qwen2's attention hard-codes biases on q/k/v and none on o (transformers ignores attention_bias).
+    attention_bias = bool(config.get("attention_bias", False))
     hp = HParams(
         arch=arch,
         n_vocab=config["vocab_size"],
@@ -120,7 +126,8 @@ def read_hparams(config: dict) -> HParams:
         head_dim=config.get("head_dim") or n_embd // n_head,
         rope_theta=float(_rope_theta(config)),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        attention_bias=bool(config.get("attention_bias", False)),
+        qkv_bias=attention_bias or arch == "qwen2",
+        out_bias=attention_bias and arch != "qwen2",
         tied_embeddings=bool(config.get("tie_word_embeddings", _TIED_BY_DEFAULT[arch])),
         no_rope_layers=_no_rope_layers(config) if arch == "smollm3" else None,
     )
@@ -227,9 +234,10 @@ def expected_tensor_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
             "ffn_up.weight": (hp.n_ff, hp.n_embd),
             "ffn_down.weight": (hp.n_embd, hp.n_ff),
         }
-        if hp.attention_bias:
-            layer |= {"attn_q.bias": (q_dim,), "attn_k.bias": (kv_dim,), "attn_v.bias": (kv_dim,),
-                      "attn_output.bias": (hp.n_embd,)}
+        if hp.qkv_bias:
+            layer |= {"attn_q.bias": (q_dim,), "attn_k.bias": (kv_dim,), "attn_v.bias": (kv_dim,)}
+        if hp.out_bias:
+            layer["attn_output.bias"] = (hp.n_embd,)
         if hp.arch == "qwen3":
             layer |= {"attn_q_norm.weight": (hp.head_dim,), "attn_k_norm.weight": (hp.head_dim,)}
         shapes |= {f"blk.{il}.{name}": shape for name, shape in layer.items()}

@@ -167,6 +167,12 @@ def test_rope_scaling_is_rejected(good_gguf, tmp_path):
     assert "scaling" in message.lower(), message
 
 
+def test_qwen2_requires_its_qkv_biases(tiny_gguf, tmp_path):
+    broken = rewrite_gguf(tiny_gguf("qwen2-tied", "f32"), tmp_path / "nobias.gguf", drop_tensors=("blk.1.attn_k.bias",))
+    message = load_in_subprocess(broken)
+    assert "blk.1.attn_k.bias" in message, message
+
+
 # ----------------------------------------------------------------------------- bad decode input
 
 @pytest.fixture(scope="module")

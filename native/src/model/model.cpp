@@ -16,11 +16,29 @@ using dm::format;
 
 namespace {
 
-dm_arch parse_arch(const std::string & name) {
-    if (name == "llama") return dm_arch::llama;
-    if (name == "qwen3") return dm_arch::qwen3;
-    if (name == "smollm3") return dm_arch::smollm3;
-    fail("unsupported model architecture '%s' (supported: llama, qwen3, smollm3)", name.c_str());
+// What the loader and the graph must know of each architecture, as llama.cpp reads its GGUF.
+struct arch_traits {
+    const char * name;
+    dm_arch      arch;
+    int          rope_mode;   // NORMAL rotates adjacent pairs (the converter permuted q/k rows), NEOX the two halves
+    bool         qk_norm;     // per-head RMSNorm of q and k before RoPE (required tensors)
+    bool         qkv_bias;    // q, k and v projections carry biases (required tensors)
+};
+
+constexpr arch_traits k_archs[] = {
+    {"llama",   dm_arch::llama,   GGML_ROPE_TYPE_NORMAL, false, false},
+    {"qwen2",   dm_arch::qwen2,   GGML_ROPE_TYPE_NEOX,   false, true},
+    {"qwen3",   dm_arch::qwen3,   GGML_ROPE_TYPE_NEOX,   true,  false},
+    {"smollm3", dm_arch::smollm3, GGML_ROPE_TYPE_NORMAL, false, false},
+};
+
+const arch_traits & find_arch(const std::string & name) {
+    std::string supported;
+    for (const arch_traits & t : k_archs) {
+        if (name == t.name) return t;
+        supported += supported.empty() ? t.name : std::string(", ") + t.name;
+    }
+    fail("unsupported model architecture '%s' (supported: %s)", name.c_str(), supported.c_str());
 }
 
 int32_t positive_int(const gguf_context * g, const std::string & key, std::optional<int64_t> fallback = std::nullopt) {
@@ -45,7 +63,7 @@ void read_rope_layers(const gguf_context * g, const std::string & arch, dm_hpara
     }
 }
 
-void read_hparams(dm_model & model) {
+void read_hparams(dm_model & model, const arch_traits & traits) {
     const gguf_context * g = model.gguf;
     const std::string & a = model.arch_name;
     dm_hparams & hp = model.hp;
@@ -76,7 +94,7 @@ void read_hparams(dm_model & model) {
     if (scaling != "none") {
         fail("RoPE scaling '%s' (key %s.rope.scaling.type) is not supported yet", scaling.c_str(), a.c_str());
     }
-    hp.rope_mode = model.arch == dm_arch::qwen3 ? GGML_ROPE_TYPE_NEOX : GGML_ROPE_TYPE_NORMAL;
+    hp.rope_mode = traits.rope_mode;
     read_rope_layers(g, a, hp, model.arch);
 }
 
@@ -113,7 +131,7 @@ struct tensor_checker {
 
 std::string blk(int il, const char * name) { return format("blk.%d.%s", il, name); }
 
-void bind_tensors(dm_model & model) {
+void bind_tensors(dm_model & model, const arch_traits & traits) {
     const dm_hparams & hp = model.hp;
     tensor_checker tc{model.ctx_w, {}};
 
@@ -129,7 +147,6 @@ void bind_tensors(dm_model & model) {
     if (!model.output) model.output = model.tok_embd;   // tied embeddings
     model.rope_freqs  = tc.get("rope_freqs.weight", {hp.n_rot / 2}, false, false);
 
-    const bool qk_norm = model.arch == dm_arch::qwen3;
     model.layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         dm_layer & l = model.layers[il];
@@ -138,12 +155,12 @@ void bind_tensors(dm_model & model) {
         l.wk = tc.get(blk(il, "attn_k.weight"), {n_embd, hp.n_embd_kv()}, true, true);
         l.wv = tc.get(blk(il, "attn_v.weight"), {n_embd, hp.n_embd_v_gqa()}, true, true);
         l.wo = tc.get(blk(il, "attn_output.weight"), {hp.n_embd_o(), n_embd}, true, true);
-        l.bq = tc.get(blk(il, "attn_q.bias"), {hp.n_embd_q()}, false, false);
-        l.bk = tc.get(blk(il, "attn_k.bias"), {hp.n_embd_kv()}, false, false);
-        l.bv = tc.get(blk(il, "attn_v.bias"), {hp.n_embd_v_gqa()}, false, false);
+        l.bq = tc.get(blk(il, "attn_q.bias"), {hp.n_embd_q()}, traits.qkv_bias, false);
+        l.bk = tc.get(blk(il, "attn_k.bias"), {hp.n_embd_kv()}, traits.qkv_bias, false);
+        l.bv = tc.get(blk(il, "attn_v.bias"), {hp.n_embd_v_gqa()}, traits.qkv_bias, false);
         l.bo = tc.get(blk(il, "attn_output.bias"), {n_embd}, false, false);
-        l.q_norm = tc.get(blk(il, "attn_q_norm.weight"), {hp.head_dim_k}, qk_norm, false);
-        l.k_norm = tc.get(blk(il, "attn_k_norm.weight"), {hp.head_dim_k}, qk_norm, false);
+        l.q_norm = tc.get(blk(il, "attn_q_norm.weight"), {hp.head_dim_k}, traits.qk_norm, false);
+        l.k_norm = tc.get(blk(il, "attn_k_norm.weight"), {hp.head_dim_k}, traits.qk_norm, false);
         l.ffn_norm = tc.get(blk(il, "ffn_norm.weight"), {n_embd}, true, false);
         l.ffn_gate = tc.get(blk(il, "ffn_gate.weight"), {n_embd, hp.n_ff}, true, true);
         l.ffn_up   = tc.get(blk(il, "ffn_up.weight"), {n_embd, hp.n_ff}, true, true);
@@ -180,9 +197,10 @@ void dm_model_load_file(dm_model & model, const std::string & path, bool use_mma
     const std::string type = dm::gguf_string(model.gguf, "general.type").value_or("model");
     if (type == "adapter") fail("'%s' is an adapter, not a model: pass it as adapter=", path.c_str());
     model.arch_name = dm::gguf_require_string(model.gguf, "general.architecture");
-    model.arch = parse_arch(model.arch_name);
-    read_hparams(model);
-    bind_tensors(model);
+    const arch_traits & traits = find_arch(model.arch_name);
+    model.arch = traits.arch;
+    read_hparams(model, traits);
+    bind_tensors(model, traits);
     model.vocab.load(model.gguf);
     model.file.load_data(use_mmap);
     if (use_repack) dm_repack_weights(model);
