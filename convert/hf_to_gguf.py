@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -46,6 +47,8 @@ HF_ARCH_TO_GGUF = {
 _PERMUTED_QK_ARCHS = {"llama", "smollm3"}
 # transformers' defaults when config.json omits tie_word_embeddings.
 _TIED_BY_DEFAULT = {"llama": False, "qwen2": False, "qwen3": False, "smollm3": True}
+# transformers' RoPE base when config.json gives none (its config classes' default_theta).
+_DEFAULT_ROPE_THETA = {"llama": 10000.0, "qwen2": 10000.0, "qwen3": 10000.0, "smollm3": 2000000.0}
 
 OUTTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -108,7 +111,8 @@ class HParams:
 
 # ----------------------------------------------------------------------------- hyper-parameters
 
-def read_hparams(config: dict) -> HParams:
+def read_hparams(config: dict, notes: list[str]) -> HParams:
+    """The hyper-parameters of config.json; `notes` collects what the caller should tell the user."""
     arch = _gguf_arch(config)
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
     _reject_unsupported_features(config)
@@ -124,7 +128,7 @@ def read_hparams(config: dict) -> HParams:
         n_head=n_head,
         n_head_kv=config.get("num_key_value_heads") or n_head,
         head_dim=config.get("head_dim") or n_embd // n_head,
-        rope_theta=float(_rope_theta(config)),
+        rope_theta=_rope_theta(config, arch, notes),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         qkv_bias=attention_bias or arch == "qwen2",
         out_bias=attention_bias and arch != "qwen2",
@@ -145,19 +149,33 @@ def _gguf_arch(config: dict) -> str:
         f"config.json: unsupported architecture {architectures!r}; supported: {', '.join(HF_ARCH_TO_GGUF)}")
 
 
-def _rope_parameters(config: dict) -> dict:
-    """transformers v5 folds rope_theta and the scaling into `rope_parameters`; v4 has `rope_scaling`."""
-    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+def _rope_parameters(config: dict) -> tuple[str, dict]:
+    """The RoPE parameters as transformers v5 reads them (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict),
+    with the key they came from: v4's `rope_scaling`, when set, replaces v5's `rope_parameters`. A file
+    holding both, with different contents, says two things: refused rather than resolved by that shim."""
+    scaling, params = config.get("rope_scaling"), config.get("rope_parameters")
+    if scaling and params and scaling != params:
+        raise ValueError(f"config.json: rope_scaling {scaling!r} and rope_parameters {params!r} disagree "
+                         "(transformers 5 would drop rope_parameters for the legacy rope_scaling); keep only one")
+    key, rope = ("rope_scaling", scaling) if scaling else ("rope_parameters", params or {})
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"config.json: {key} {rope!r} is not one flat dict (per-layer-type RoPE is not supported)")
+    return key, rope
 
 
-def _rope_theta(config: dict) -> float:
-    if config.get("rope_theta") is not None:
-        return config["rope_theta"]
-    return _rope_parameters(config).get("rope_theta", 10000.0)
+def _rope_theta(config: dict, arch: str, notes: list[str]) -> float:
+    """transformers v5 takes rope_theta from the RoPE parameters, the top-level key only when they lack it."""
+    (key, rope), top = _rope_parameters(config), config.get("rope_theta")
+    theta = rope.get("rope_theta", top if top is not None else _DEFAULT_ROPE_THETA[arch])
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise ValueError(f"config.json: rope_theta must be a positive finite number, got {theta!r}")
+    if "rope_theta" in rope and top is not None and top != theta:
+        notes.append(f"config.json: top-level rope_theta={top} ignored; transformers 5 uses {key}.rope_theta={theta}")
+    return float(theta)
 
 
 def _reject_unsupported_features(config: dict) -> None:
-    rope = _rope_parameters(config)
+    _, rope = _rope_parameters(config)
     rope_type = rope.get("rope_type", rope.get("type"))
     if rope_type not in (None, "default"):
         raise ValueError(f"config.json: RoPE scaling {rope_type!r} is not supported yet (only unscaled RoPE)")
@@ -368,10 +386,10 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
         raise FileExistsError(f"{out_path}: already exists")
 
     config = json.loads((hf_dir / "config.json").read_text())
-    hp = read_hparams(config)
+    notes: list[str] = []
+    hp = read_hparams(config, notes)
     tokenizer = read_tokenizer(hf_dir, hp.n_vocab, config)
     checkpoint = SafetensorsCheckpoint(hf_dir)
-    notes: list[str] = []
     plans = plan_tensors(checkpoint, hp, outtype, notes)
 
     writer = gguf.GGUFWriter(None, hp.arch)

@@ -2,6 +2,7 @@
 tokenizer metadata), its error messages, atomic writes and the `deltamem convert` command line."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -333,6 +334,67 @@ def test_top_level_rope_theta_is_read(tiny_checkpoint, tmp_path):
     edit_json(folder / "config.json", v4_style)
     convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
     assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "llama.rope.freq_base") == pytest.approx(12345.0)
+
+
+def _drop_rope_keys(cfg: dict) -> None:
+    for key in ("rope_theta", "rope_parameters", "rope_scaling"):
+        cfg.pop(key, None)
+
+
+# config.json layouts holding RoPE's base, and whether a top-level rope_theta goes unused (then it is
+# reported); transformers 5 itself (AutoConfig) says which value it uses.
+ROPE_THETA_LAYOUTS = {
+    "both, disagreeing": ({"rope_theta": 12345.0, "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}, True),
+    "both, agreeing": ({"rope_theta": 777.0, "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}, False),
+    "parameters without theta": ({"rope_theta": 12345.0, "rope_parameters": {"rope_type": "default"}}, False),
+    "v4 rope_scaling without theta": ({"rope_theta": 12345.0, "rope_scaling": {"type": "default"}}, False),
+    "v4 rope_scaling with theta": (
+        {"rope_theta": 12345.0, "rope_scaling": {"rope_type": "default", "rope_theta": 777.0}}, True),
+    "absent": ({}, False),
+}
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied", "smollm3-nope"])  # smollm3: transformers' default base is 2e6
+@pytest.mark.parametrize("layout", list(ROPE_THETA_LAYOUTS))
+def test_rope_theta_is_the_one_transformers_uses(tiny_checkpoint, tmp_path, name, layout):
+    from transformers import AutoConfig
+
+    folder = copy_checkpoint(tiny_checkpoint(name), tmp_path / "hf")
+    rope, top_level_unused = ROPE_THETA_LAYOUTS[layout]
+
+    def set_layout(cfg):
+        _drop_rope_keys(cfg)
+        cfg.update(copy.deepcopy(rope))
+    edit_json(folder / "config.json", set_layout)
+    expected = AutoConfig.from_pretrained(folder).rope_parameters["rope_theta"]
+    notes = convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
+    arch = tiny_models.TINY_SPECS[name].architecture
+    assert field(gguf.GGUFReader(tmp_path / "m.gguf"), f"{arch}.rope.freq_base") == pytest.approx(expected)
+    ignored = [note for note in notes if "rope_theta" in note]
+    if top_level_unused:  # the value not taken is reported, not dropped silently
+        assert len(ignored) == 1 and "12345" in ignored[0] and "777" in ignored[0], notes
+    else:
+        assert not ignored, notes
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_scaling": {"rope_type": "default", "rope_theta": 1000.0},
+      "rope_parameters": {"rope_type": "default", "rope_theta": 2000.0}}, r"rope_scaling .* rope_parameters .* disagree"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 2000.0}}}, "per-layer-type"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -5.0}}, "positive finite"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}, "rope_theta": 10000.0}, "positive finite"),
+    ({"rope_theta": float("inf")}, "positive finite"),
+])
+def test_unusable_rope_theta_is_refused(tiny_checkpoint, tmp_path, rope, match):
+    folder = copy_checkpoint(tiny_checkpoint("qwen2-tied"), tmp_path / "hf")
+
+    def set_rope(cfg):
+        _drop_rope_keys(cfg)
+        cfg.update(rope)
+    edit_json(folder / "config.json", set_rope)
+    with pytest.raises(ValueError, match=match):
+        convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_qwen2_biases_whatever_attention_bias_says(tiny_checkpoint, tmp_path):
