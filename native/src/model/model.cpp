@@ -7,6 +7,7 @@
 #include <ggml-cpu.h>
 #include <gguf.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <set>
@@ -49,6 +50,17 @@ int32_t positive_int(const gguf_context * g, const std::string & key, std::optio
     return static_cast<int32_t>(*v);
 }
 
+// A real-valued hyper-parameter, finite and within [lo, hi].
+float bounded_float(const gguf_context * g, const std::string & key, std::optional<double> fallback, double lo, double hi) {
+    std::optional<double> v = dm::gguf_float(g, key);
+    if (!v) v = fallback;
+    if (!v) fail("GGUF is missing required key '%s'", key.c_str());
+    if (!std::isfinite(*v) || *v < lo || *v > hi) {
+        fail("GGUF key '%s' has invalid value %g (expected a finite number in [%g, %g])", key.c_str(), *v, lo, hi);
+    }
+    return static_cast<float>(*v);
+}
+
 void read_rope_layers(const gguf_context * g, const std::string & arch, dm_hparams & hp, dm_arch a) {
     hp.rope_layer.assign(hp.n_layer, true);
     if (a != dm_arch::smollm3) return;
@@ -86,9 +98,13 @@ void read_hparams(dm_model & model, const arch_traits & traits) {
     if (hp.n_rot > hp.head_dim_k || hp.n_rot % 2 != 0) {
         fail("rope.dimension_count %d must be even and at most the head width %d", hp.n_rot, hp.head_dim_k);
     }
-    hp.rms_eps = static_cast<float>(dm::gguf_require_float(g, a + ".attention.layer_norm_rms_epsilon"));
-    hp.rope_freq_base = static_cast<float>(dm::gguf_float(g, a + ".rope.freq_base").value_or(10000.0));
-    if (!(hp.rms_eps > 0.0f) || !(hp.rope_freq_base > 0.0f)) fail("invalid rms epsilon or rope.freq_base");
+    // Bounds wide enough for every released model (ε 1e-5..1e-6, base 1e4..1e7), narrow enough to catch a
+    // NaN, inf, sign or exponent slip that would otherwise load and only show as garbage logits.
+    // ε in [1e-12, 0.1]: a larger ε flattens the norm, a smaller one no longer guards the division.
+    // base in [2, 1e10]: below 2 the frequencies hardly decay (1: not at all), above 1e10 all but the
+    // first few pairs stop rotating.
+    hp.rms_eps = bounded_float(g, a + ".attention.layer_norm_rms_epsilon", std::nullopt, 1e-12, 0.1);
+    hp.rope_freq_base = bounded_float(g, a + ".rope.freq_base", 10000.0, 2.0, 1e10);
 
     const std::string scaling = dm::gguf_string(g, a + ".rope.scaling.type").value_or("none");
     if (scaling != "none") {
