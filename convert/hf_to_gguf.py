@@ -1,14 +1,16 @@
 """Hugging Face checkpoint → GGUF, in llama.cpp's conventions: `deltamem convert HF_DIR -o OUT.gguf`.
 
-Supported: LlamaForCausalLM (`llama`), Qwen3ForCausalLM (`qwen3`), SmolLM3ForCausalLM (`smollm3`),
-with a byte-level BPE tokenizer. Weights are read one tensor at a time (memory-mapped) and written
-straight into a temporary file next to the output, renamed into place only when complete.
+Supported: LlamaForCausalLM (`llama`), Qwen2ForCausalLM (`qwen2`), Qwen3ForCausalLM (`qwen3`),
+SmolLM3ForCausalLM (`smollm3`), with a byte-level BPE tokenizer. Weights are read one tensor at a time
+(memory-mapped) and written straight into a temporary file next to the output, renamed into place only
+when complete.
 
 Tensor names (GGUF ← Hugging Face):
     token_embd.weight            ← model.embed_tokens.weight
     blk.N.attn_norm.weight       ← model.layers.N.input_layernorm.weight
-    blk.N.attn_{q,k,v}.{weight,bias} ← model.layers.N.self_attn.{q,k,v}_proj.*  (q/k rows permuted for llama/smollm3)
-    blk.N.attn_output.{weight,bias}  ← model.layers.N.self_attn.o_proj.*
+    blk.N.attn_{q,k,v}.{weight,bias} ← model.layers.N.self_attn.{q,k,v}_proj.*  (q/k rows permuted for llama/smollm3;
+                                        biases: always for qwen2, with attention_bias for the others)
+    blk.N.attn_output.{weight,bias}  ← model.layers.N.self_attn.o_proj.*  (bias with attention_bias; never qwen2)
     blk.N.attn_{q,k}_norm.weight ← model.layers.N.self_attn.{q,k}_norm.weight  (qwen3)
     blk.N.ffn_norm.weight        ← model.layers.N.post_attention_layernorm.weight
     blk.N.ffn_{gate,up,down}.weight ← model.layers.N.mlp.{gate,up,down}_proj.weight
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -35,14 +38,17 @@ from ._safetensors import SafetensorsCheckpoint
 
 HF_ARCH_TO_GGUF = {
     "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "SmolLM3ForCausalLM": "smollm3",
 }
 # llama.cpp rotates adjacent pairs ("normal" RoPE) for these, so their HF q/k rows (which rotate
-# the two halves of each head, NEOX style) are re-ordered at conversion time.
+# the two halves of each head, NEOX style) are re-ordered at conversion time. qwen2/qwen3 use NEOX RoPE.
 _PERMUTED_QK_ARCHS = {"llama", "smollm3"}
 # transformers' defaults when config.json omits tie_word_embeddings.
-_TIED_BY_DEFAULT = {"llama": False, "qwen3": False, "smollm3": True}
+_TIED_BY_DEFAULT = {"llama": False, "qwen2": False, "qwen3": False, "smollm3": True}
+# transformers' RoPE base when config.json gives none (its config classes' default_theta).
+_DEFAULT_ROPE_THETA = {"llama": 10000.0, "qwen2": 10000.0, "qwen3": 10000.0, "smollm3": 2000000.0}
 
 OUTTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -97,17 +103,21 @@ class HParams:
     head_dim: int
     rope_theta: float
     rms_eps: float
-    attention_bias: bool
+    qkv_bias: bool  # q/k/v projections have biases
+    out_bias: bool  # the output projection has a bias
     tied_embeddings: bool
     no_rope_layers: list[int] | None  # smollm3 only: 1 = layer applies RoPE, 0 = NoPE layer
 
 
 # ----------------------------------------------------------------------------- hyper-parameters
 
-def read_hparams(config: dict) -> HParams:
+def read_hparams(config: dict, notes: list[str]) -> HParams:
+    """The hyper-parameters of config.json; `notes` collects what the caller should tell the user."""
     arch = _gguf_arch(config)
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
     _reject_unsupported_features(config)
+    # Qwen2's attention hard-codes biases on q/k/v and none on o (transformers ignores attention_bias).
+    attention_bias = bool(config.get("attention_bias", False))
     hp = HParams(
         arch=arch,
         n_vocab=config["vocab_size"],
@@ -118,9 +128,10 @@ def read_hparams(config: dict) -> HParams:
         n_head=n_head,
         n_head_kv=config.get("num_key_value_heads") or n_head,
         head_dim=config.get("head_dim") or n_embd // n_head,
-        rope_theta=float(_rope_theta(config)),
+        rope_theta=_rope_theta(config, arch, notes),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        attention_bias=bool(config.get("attention_bias", False)),
+        qkv_bias=attention_bias or arch == "qwen2",
+        out_bias=attention_bias and arch != "qwen2",
         tied_embeddings=bool(config.get("tie_word_embeddings", _TIED_BY_DEFAULT[arch])),
         no_rope_layers=_no_rope_layers(config) if arch == "smollm3" else None,
     )
@@ -138,19 +149,33 @@ def _gguf_arch(config: dict) -> str:
         f"config.json: unsupported architecture {architectures!r}; supported: {', '.join(HF_ARCH_TO_GGUF)}")
 
 
-def _rope_parameters(config: dict) -> dict:
-    """transformers v5 folds rope_theta and the scaling into `rope_parameters`; v4 has `rope_scaling`."""
-    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+def _rope_parameters(config: dict) -> tuple[str, dict]:
+    """The RoPE parameters as transformers v5 reads them (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict),
+    with the key they came from: v4's `rope_scaling`, when set, replaces v5's `rope_parameters`. A file
+    holding both, with different contents, says two things: refused rather than resolved by that shim."""
+    scaling, params = config.get("rope_scaling"), config.get("rope_parameters")
+    if scaling and params and scaling != params:
+        raise ValueError(f"config.json: rope_scaling {scaling!r} and rope_parameters {params!r} disagree "
+                         "(transformers 5 would drop rope_parameters for the legacy rope_scaling); keep only one")
+    key, rope = ("rope_scaling", scaling) if scaling else ("rope_parameters", params or {})
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"config.json: {key} {rope!r} is not one flat dict (per-layer-type RoPE is not supported)")
+    return key, rope
 
 
-def _rope_theta(config: dict) -> float:
-    if config.get("rope_theta") is not None:
-        return config["rope_theta"]
-    return _rope_parameters(config).get("rope_theta", 10000.0)
+def _rope_theta(config: dict, arch: str, notes: list[str]) -> float:
+    """transformers v5 takes rope_theta from the RoPE parameters, the top-level key only when they lack it."""
+    (key, rope), top = _rope_parameters(config), config.get("rope_theta")
+    theta = rope.get("rope_theta", top if top is not None else _DEFAULT_ROPE_THETA[arch])
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise ValueError(f"config.json: rope_theta must be a positive finite number, got {theta!r}")
+    if "rope_theta" in rope and top is not None and top != theta:
+        notes.append(f"config.json: top-level rope_theta={top} ignored; transformers 5 uses {key}.rope_theta={theta}")
+    return float(theta)
 
 
 def _reject_unsupported_features(config: dict) -> None:
-    rope = _rope_parameters(config)
+    _, rope = _rope_parameters(config)
     rope_type = rope.get("rope_type", rope.get("type"))
     if rope_type not in (None, "default"):
         raise ValueError(f"config.json: RoPE scaling {rope_type!r} is not supported yet (only unscaled RoPE)")
@@ -227,9 +252,10 @@ def expected_tensor_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
             "ffn_up.weight": (hp.n_ff, hp.n_embd),
             "ffn_down.weight": (hp.n_embd, hp.n_ff),
         }
-        if hp.attention_bias:
-            layer |= {"attn_q.bias": (q_dim,), "attn_k.bias": (kv_dim,), "attn_v.bias": (kv_dim,),
-                      "attn_output.bias": (hp.n_embd,)}
+        if hp.qkv_bias:
+            layer |= {"attn_q.bias": (q_dim,), "attn_k.bias": (kv_dim,), "attn_v.bias": (kv_dim,)}
+        if hp.out_bias:
+            layer["attn_output.bias"] = (hp.n_embd,)
         if hp.arch == "qwen3":
             layer |= {"attn_q_norm.weight": (hp.head_dim,), "attn_k_norm.weight": (hp.head_dim,)}
         shapes |= {f"blk.{il}.{name}": shape for name, shape in layer.items()}
@@ -360,10 +386,10 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
         raise FileExistsError(f"{out_path}: already exists")
 
     config = json.loads((hf_dir / "config.json").read_text())
-    hp = read_hparams(config)
+    notes: list[str] = []
+    hp = read_hparams(config, notes)
     tokenizer = read_tokenizer(hf_dir, hp.n_vocab, config)
     checkpoint = SafetensorsCheckpoint(hf_dir)
-    notes: list[str] = []
     plans = plan_tensors(checkpoint, hp, outtype, notes)
 
     writer = gguf.GGUFWriter(None, hp.arch)

@@ -153,6 +153,32 @@ def test_model_properties(engine_model, tiny_checkpoint):
     assert model.metadata["qwen3.attention.key_length"] == cfg["head_dim"]
 
 
+def test_rope_parameters_theta_over_top_level_matches_transformers(tiny_checkpoint, tiny_reference, tmp_path):
+    """A config.json whose top-level rope_theta and rope_parameters.rope_theta disagree: the converted model
+    computes what transformers 5 computes from that file (and not what the other value would give)."""
+    import json
+    import shutil
+
+    from pydeltamem.convert.hf_to_gguf import convert_hf_to_gguf
+
+    name = "qwen2-tied"
+    folder = Path(shutil.copytree(tiny_checkpoint(name), tmp_path / "hf"))
+    config = json.loads((folder / "config.json").read_text())
+    top_level = config["rope_parameters"]["rope_theta"]  # what the unedited checkpoint (tiny_reference) uses
+    config["rope_theta"] = top_level
+    config["rope_parameters"]["rope_theta"] = 100.0
+    (folder / "config.json").write_text(json.dumps(config))
+    convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f32", progress=False)
+
+    tokens = random_tokens(config["vocab_size"], 24, seed=5)
+    ref = tiny_models.reference_logits(tiny_models.load_reference(folder), tokens)
+    with pydeltamem.Model(tmp_path / "m.gguf", n_ctx=64, n_threads=N_THREADS, kv_type="f32") as model:
+        got = model.context().decode(tokens, logits="all")
+    check_logits(got, ref, name, "f32", "rope_parameters' theta")
+    other = tiny_models.reference_logits(tiny_reference(name), tokens)
+    assert relative_error(other, ref) > 100 * REL_TOLERANCE["f32"], "the two bases must give different logits"
+
+
 # ----------------------------------------------------------------------------- the real model
 
 SMOLLM2_PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is"

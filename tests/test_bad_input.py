@@ -81,11 +81,14 @@ def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, drop_keys: tu
 
 # ----------------------------------------------------------------------------- broken files
 
+def assert_loads_in_subprocess(path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+
+
 def test_rewritten_copy_still_loads(good_gguf, tmp_path):
     """The rewriting helper itself produces a valid file: the failures below come from the breakage."""
-    copy = rewrite_gguf(good_gguf, tmp_path / "copy.gguf")
-    proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(copy)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert_loads_in_subprocess(rewrite_gguf(good_gguf, tmp_path / "copy.gguf"))
 
 
 def _truncation_points(path: Path) -> dict[str, int]:
@@ -165,6 +168,39 @@ def test_rope_scaling_is_rejected(good_gguf, tmp_path):
         "llama.rope.scaling.factor": (2.0, gguf.GGUFValueType.FLOAT32)})
     message = load_in_subprocess(broken)
     assert "scaling" in message.lower(), message
+
+
+@pytest.mark.parametrize("key,value", [
+    ("llama.attention.layer_norm_rms_epsilon", float("nan")),
+    ("llama.attention.layer_norm_rms_epsilon", float("inf")),
+    ("llama.attention.layer_norm_rms_epsilon", 0.0),
+    ("llama.attention.layer_norm_rms_epsilon", -1e-5),
+    ("llama.attention.layer_norm_rms_epsilon", 1e-30),
+    ("llama.rope.freq_base", float("nan")),
+    ("llama.rope.freq_base", float("-inf")),
+    ("llama.rope.freq_base", 0.0),
+    ("llama.rope.freq_base", -10000.0),
+    ("llama.rope.freq_base", 1e30),
+])
+def test_out_of_range_float_hyperparameter(good_gguf, tmp_path, key, value):
+    broken = rewrite_gguf(good_gguf, tmp_path / "hparam.gguf", drop_keys=(key,),
+                          set_keys={key: (value, gguf.GGUFValueType.FLOAT32)})
+    message = load_in_subprocess(broken)
+    assert key in message and "invalid value" in message, message
+
+
+def test_unusual_but_sane_float_hyperparameters_load(good_gguf, tmp_path):
+    """The bounds above leave room for real models' extremes (and beyond)."""
+    keys = {"llama.attention.layer_norm_rms_epsilon": 1e-10, "llama.rope.freq_base": 1e8}
+    copy = rewrite_gguf(good_gguf, tmp_path / "sane.gguf", drop_keys=tuple(keys),
+                        set_keys={k: (v, gguf.GGUFValueType.FLOAT32) for k, v in keys.items()})
+    assert_loads_in_subprocess(copy)
+
+
+def test_qwen2_requires_its_qkv_biases(tiny_gguf, tmp_path):
+    broken = rewrite_gguf(tiny_gguf("qwen2-tied", "f32"), tmp_path / "nobias.gguf", drop_tensors=("blk.1.attn_k.bias",))
+    message = load_in_subprocess(broken)
+    assert "blk.1.attn_k.bias" in message, message
 
 
 # ----------------------------------------------------------------------------- bad decode input

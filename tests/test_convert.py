@@ -2,6 +2,7 @@
 tokenizer metadata), its error messages, atomic writes and the `deltamem convert` command line."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -58,9 +59,15 @@ def expected_tensor_names(spec: tiny_models.TinySpec) -> set[str]:
         per_layer += ["attn_q_norm", "attn_k_norm"]
     for il in range(cfg["num_hidden_layers"]):
         names |= {f"blk.{il}.{n}.weight" for n in per_layer}
-        if cfg.get("attention_bias"):
-            names |= {f"blk.{il}.{n}.bias" for n in ("attn_q", "attn_k", "attn_v", "attn_output")}
+        names |= {f"blk.{il}.{n}.bias" for n in biased_projections(spec)}
     return names
+
+
+def biased_projections(spec: tiny_models.TinySpec) -> tuple[str, ...]:
+    """transformers' Qwen2Attention hard-codes bias=True on q/k/v and False on o; the others follow attention_bias."""
+    if spec.architecture == "qwen2":
+        return ("attn_q", "attn_k", "attn_v")
+    return ("attn_q", "attn_k", "attn_v", "attn_output") if spec.config.get("attention_bias") else ()
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -181,15 +188,16 @@ def test_f32_values_and_qk_permutation(tiny_checkpoint, tiny_gguf, name):
             pairs |= {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
         for gguf_name, hf_name in pairs.items():
             np.testing.assert_array_equal(as_float32(tensors[f"blk.{il}.{gguf_name}"]), state[prefix + hf_name])
-        if cfg.get("attention_bias"):
-            bq = state[prefix + "self_attn.q_proj.bias"][:, None]
-            bk = state[prefix + "self_attn.k_proj.bias"][:, None]
-            if permuted:
-                bq, bk = _llama_rope_order(bq, cfg["num_attention_heads"]), _llama_rope_order(bk, cfg["num_key_value_heads"])
-            np.testing.assert_array_equal(tensors[f"blk.{il}.attn_q.bias"].data, bq[:, 0])
-            np.testing.assert_array_equal(tensors[f"blk.{il}.attn_k.bias"].data, bk[:, 0])
-            np.testing.assert_array_equal(tensors[f"blk.{il}.attn_v.bias"].data, state[prefix + "self_attn.v_proj.bias"])
-            np.testing.assert_array_equal(tensors[f"blk.{il}.attn_output.bias"].data, state[prefix + "self_attn.o_proj.bias"])
+        # Every bias the checkpoint holds arrives (q/k rows in the same order as their weights'), and no other.
+        heads = {"q": cfg["num_attention_heads"], "k": cfg["num_key_value_heads"]}
+        for proj, gguf_name in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
+            hf_bias = state.get(f"{prefix}self_attn.{proj}_proj.bias")
+            if hf_bias is None:
+                assert f"blk.{il}.{gguf_name}.bias" not in tensors
+                continue
+            if permuted and proj in heads:
+                hf_bias = _llama_rope_order(hf_bias[:, None], heads[proj])[:, 0]
+            np.testing.assert_array_equal(tensors[f"blk.{il}.{gguf_name}.bias"].data, hf_bias)
     np.testing.assert_array_equal(as_float32(tensors["token_embd.weight"]), state["model.embed_tokens.weight"])
     np.testing.assert_array_equal(as_float32(tensors["output_norm.weight"]), state["model.norm.weight"])
     if "output.weight" in tensors:
@@ -296,7 +304,7 @@ def test_unsupported_architecture_lists_supported(tiny_checkpoint, tmp_path):
     edit_json(folder / "config.json", lambda c: c.update(architectures=["MistralForCausalLM"]))
     with pytest.raises(ValueError, match="MistralForCausalLM") as err:
         convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
-    for supported in ("LlamaForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"):
+    for supported in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"):
         assert supported in str(err.value)
 
 
@@ -326,6 +334,77 @@ def test_top_level_rope_theta_is_read(tiny_checkpoint, tmp_path):
     edit_json(folder / "config.json", v4_style)
     convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
     assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "llama.rope.freq_base") == pytest.approx(12345.0)
+
+
+def _drop_rope_keys(cfg: dict) -> None:
+    for key in ("rope_theta", "rope_parameters", "rope_scaling"):
+        cfg.pop(key, None)
+
+
+# config.json layouts holding RoPE's base, and whether a top-level rope_theta goes unused (then it is
+# reported); transformers 5 itself (AutoConfig) says which value it uses.
+ROPE_THETA_LAYOUTS = {
+    "both, disagreeing": ({"rope_theta": 12345.0, "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}, True),
+    "both, agreeing": ({"rope_theta": 777.0, "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}, False),
+    "parameters without theta": ({"rope_theta": 12345.0, "rope_parameters": {"rope_type": "default"}}, False),
+    "v4 rope_scaling without theta": ({"rope_theta": 12345.0, "rope_scaling": {"type": "default"}}, False),
+    "v4 rope_scaling with theta": (
+        {"rope_theta": 12345.0, "rope_scaling": {"rope_type": "default", "rope_theta": 777.0}}, True),
+    "absent": ({}, False),
+}
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied", "smollm3-nope"])  # smollm3: transformers' default base is 2e6
+@pytest.mark.parametrize("layout", list(ROPE_THETA_LAYOUTS))
+def test_rope_theta_is_the_one_transformers_uses(tiny_checkpoint, tmp_path, name, layout):
+    from transformers import AutoConfig
+
+    folder = copy_checkpoint(tiny_checkpoint(name), tmp_path / "hf")
+    rope, top_level_unused = ROPE_THETA_LAYOUTS[layout]
+
+    def set_layout(cfg):
+        _drop_rope_keys(cfg)
+        cfg.update(copy.deepcopy(rope))
+    edit_json(folder / "config.json", set_layout)
+    expected = AutoConfig.from_pretrained(folder).rope_parameters["rope_theta"]
+    notes = convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
+    arch = tiny_models.TINY_SPECS[name].architecture
+    assert field(gguf.GGUFReader(tmp_path / "m.gguf"), f"{arch}.rope.freq_base") == pytest.approx(expected)
+    ignored = [note for note in notes if "rope_theta" in note]
+    if top_level_unused:  # the value not taken is reported, not dropped silently
+        assert len(ignored) == 1 and "12345" in ignored[0] and "777" in ignored[0], notes
+    else:
+        assert not ignored, notes
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_scaling": {"rope_type": "default", "rope_theta": 1000.0},
+      "rope_parameters": {"rope_type": "default", "rope_theta": 2000.0}}, r"rope_scaling .* rope_parameters .* disagree"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 2000.0}}}, "per-layer-type"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -5.0}}, "positive finite"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}, "rope_theta": 10000.0}, "positive finite"),
+    ({"rope_theta": float("inf")}, "positive finite"),
+])
+def test_unusable_rope_theta_is_refused(tiny_checkpoint, tmp_path, rope, match):
+    folder = copy_checkpoint(tiny_checkpoint("qwen2-tied"), tmp_path / "hf")
+
+    def set_rope(cfg):
+        _drop_rope_keys(cfg)
+        cfg.update(rope)
+    edit_json(folder / "config.json", set_rope)
+    with pytest.raises(ValueError, match=match):
+        convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_qwen2_biases_whatever_attention_bias_says(tiny_checkpoint, tmp_path):
+    """transformers' Qwen2 ignores attention_bias (q/k/v biased, o not): so does the converter."""
+    folder = copy_checkpoint(tiny_checkpoint("qwen2-tied"), tmp_path / "hf")
+    edit_json(folder / "config.json", lambda c: c.update(attention_bias=False))
+    convert_hf_to_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
+    names = set(tensors_by_name(gguf.GGUFReader(tmp_path / "m.gguf")))
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    assert "blk.0.attn_output.bias" not in names
 
 
 def test_smollm3_no_rope_layers_from_interval(tiny_checkpoint, tmp_path):

@@ -6,8 +6,9 @@ Reusable builders (other test modules import them):
 - `save_tokenizer(tokenizer, folder, ...)`: tokenizer.json + tokenizer_config.json (+ chat template).
 - `build_checkpoint(spec, folder)`: config → random model (std 0.2, norms and biases perturbed so
   that every weight matters) → `save_pretrained` safetensors + tokenizer files.
-- `TINY_SPECS`: the checkpoints the backbone tests run (Qwen3 tied/untied, Llama GQA, Llama with
-  attention biases, SmolLM3 with a NoPE layer), varied in shapes and GQA ratios.
+- `TINY_SPECS`: the checkpoints the backbone tests run (Qwen3 tied/untied, Qwen2 tied/untied with its
+  q/k/v biases, Llama GQA, Llama with attention biases, SmolLM3 with a NoPE layer), varied in shapes and
+  GQA ratios.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def save_tokenizer(tokenizer, folder: Path, *, bos_token: str | None, eos_token:
 class TinySpec:
     """One tiny checkpoint: the architecture, its config, and how its tokenizer and files look."""
     name: str
-    architecture: str  # "llama" | "qwen3" | "smollm3"
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "smollm3"
     config: dict
     pre: str = "qwen2"
     extra_vocab: int = 0  # config vocab_size = tokenizer size + this (ids nobody uses: [PADn] tokens)
@@ -138,6 +139,15 @@ TINY_SPECS: dict[str, TinySpec] = {spec.name: spec for spec in [
         hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3,
         num_key_value_heads=1, head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
         pre="qwen2", extra_vocab=13, template_in_jinja_file=True, seed=2),
+    # Qwen2 has no head_dim key (hidden_size / heads) and always biases q/k/v, never o.
+    TinySpec("qwen2-tied", "qwen2", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
+        pre="qwen2", extra_vocab=7, seed=6),
+    TinySpec("qwen2-untied", "qwen2", dict(
+        hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=3,
+        num_key_value_heads=3, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5),
+        pre="qwen2", max_shard_size="60KB", seed=7),
     TinySpec("llama-gqa", "llama", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-5),
@@ -156,7 +166,8 @@ TINY_SPECS: dict[str, TinySpec] = {spec.name: spec for spec in [
         pre="smollm", seed=5),
 ]}
 
-_CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "smollm3": "SmolLM3Config"}
+_CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                   "smollm3": "SmolLM3Config"}
 
 
 def make_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int | None]):

@@ -7,6 +7,7 @@
 #include <ggml-cpu.h>
 #include <gguf.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <set>
@@ -16,11 +17,29 @@ using dm::format;
 
 namespace {
 
-dm_arch parse_arch(const std::string & name) {
-    if (name == "llama") return dm_arch::llama;
-    if (name == "qwen3") return dm_arch::qwen3;
-    if (name == "smollm3") return dm_arch::smollm3;
-    fail("unsupported model architecture '%s' (supported: llama, qwen3, smollm3)", name.c_str());
+// What the loader and the graph must know of each architecture, as llama.cpp reads its GGUF.
+struct arch_traits {
+    const char * name;
+    dm_arch      arch;
+    int          rope_mode;   // NORMAL rotates adjacent pairs (the converter permuted q/k rows), NEOX the two halves
+    bool         qk_norm;     // per-head RMSNorm of q and k before RoPE (required tensors)
+    bool         qkv_bias;    // q, k and v projections carry biases (required tensors)
+};
+
+constexpr arch_traits k_archs[] = {
+    {"llama",   dm_arch::llama,   GGML_ROPE_TYPE_NORMAL, false, false},
+    {"qwen2",   dm_arch::qwen2,   GGML_ROPE_TYPE_NEOX,   false, true},
+    {"qwen3",   dm_arch::qwen3,   GGML_ROPE_TYPE_NEOX,   true,  false},
+    {"smollm3", dm_arch::smollm3, GGML_ROPE_TYPE_NORMAL, false, false},
+};
+
+const arch_traits & find_arch(const std::string & name) {
+    std::string supported;
+    for (const arch_traits & t : k_archs) {
+        if (name == t.name) return t;
+        supported += supported.empty() ? t.name : std::string(", ") + t.name;
+    }
+    fail("unsupported model architecture '%s' (supported: %s)", name.c_str(), supported.c_str());
 }
 
 int32_t positive_int(const gguf_context * g, const std::string & key, std::optional<int64_t> fallback = std::nullopt) {
@@ -29,6 +48,17 @@ int32_t positive_int(const gguf_context * g, const std::string & key, std::optio
     if (!v) fail("GGUF is missing required key '%s'", key.c_str());
     if (*v <= 0 || *v > (1 << 30)) fail("GGUF key '%s' has invalid value %lld", key.c_str(), static_cast<long long>(*v));
     return static_cast<int32_t>(*v);
+}
+
+// A real-valued hyper-parameter, finite and within [lo, hi].
+float bounded_float(const gguf_context * g, const std::string & key, std::optional<double> fallback, double lo, double hi) {
+    std::optional<double> v = dm::gguf_float(g, key);
+    if (!v) v = fallback;
+    if (!v) fail("GGUF is missing required key '%s'", key.c_str());
+    if (!std::isfinite(*v) || *v < lo || *v > hi) {
+        fail("GGUF key '%s' has invalid value %g (expected a finite number in [%g, %g])", key.c_str(), *v, lo, hi);
+    }
+    return static_cast<float>(*v);
 }
 
 void read_rope_layers(const gguf_context * g, const std::string & arch, dm_hparams & hp, dm_arch a) {
@@ -45,7 +75,7 @@ void read_rope_layers(const gguf_context * g, const std::string & arch, dm_hpara
     }
 }
 
-void read_hparams(dm_model & model) {
+void read_hparams(dm_model & model, const arch_traits & traits) {
     const gguf_context * g = model.gguf;
     const std::string & a = model.arch_name;
     dm_hparams & hp = model.hp;
@@ -68,15 +98,19 @@ void read_hparams(dm_model & model) {
     if (hp.n_rot > hp.head_dim_k || hp.n_rot % 2 != 0) {
         fail("rope.dimension_count %d must be even and at most the head width %d", hp.n_rot, hp.head_dim_k);
     }
-    hp.rms_eps = static_cast<float>(dm::gguf_require_float(g, a + ".attention.layer_norm_rms_epsilon"));
-    hp.rope_freq_base = static_cast<float>(dm::gguf_float(g, a + ".rope.freq_base").value_or(10000.0));
-    if (!(hp.rms_eps > 0.0f) || !(hp.rope_freq_base > 0.0f)) fail("invalid rms epsilon or rope.freq_base");
+    // Bounds wide enough for every released model (ε 1e-5..1e-6, base 1e4..1e7), narrow enough to catch a
+    // NaN, inf, sign or exponent slip that would otherwise load and only show as garbage logits.
+    // ε in [1e-12, 0.1]: a larger ε flattens the norm, a smaller one no longer guards the division.
+    // base in [2, 1e10]: below 2 the frequencies hardly decay (1: not at all), above 1e10 all but the
+    // first few pairs stop rotating.
+    hp.rms_eps = bounded_float(g, a + ".attention.layer_norm_rms_epsilon", std::nullopt, 1e-12, 0.1);
+    hp.rope_freq_base = bounded_float(g, a + ".rope.freq_base", 10000.0, 2.0, 1e10);
 
     const std::string scaling = dm::gguf_string(g, a + ".rope.scaling.type").value_or("none");
     if (scaling != "none") {
         fail("RoPE scaling '%s' (key %s.rope.scaling.type) is not supported yet", scaling.c_str(), a.c_str());
     }
-    hp.rope_mode = model.arch == dm_arch::qwen3 ? GGML_ROPE_TYPE_NEOX : GGML_ROPE_TYPE_NORMAL;
+    hp.rope_mode = traits.rope_mode;
     read_rope_layers(g, a, hp, model.arch);
 }
 
@@ -113,7 +147,7 @@ struct tensor_checker {
 
 std::string blk(int il, const char * name) { return format("blk.%d.%s", il, name); }
 
-void bind_tensors(dm_model & model) {
+void bind_tensors(dm_model & model, const arch_traits & traits) {
     const dm_hparams & hp = model.hp;
     tensor_checker tc{model.ctx_w, {}};
 
@@ -129,7 +163,6 @@ void bind_tensors(dm_model & model) {
     if (!model.output) model.output = model.tok_embd;   // tied embeddings
     model.rope_freqs  = tc.get("rope_freqs.weight", {hp.n_rot / 2}, false, false);
 
-    const bool qk_norm = model.arch == dm_arch::qwen3;
     model.layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         dm_layer & l = model.layers[il];
@@ -138,12 +171,12 @@ void bind_tensors(dm_model & model) {
         l.wk = tc.get(blk(il, "attn_k.weight"), {n_embd, hp.n_embd_kv()}, true, true);
         l.wv = tc.get(blk(il, "attn_v.weight"), {n_embd, hp.n_embd_v_gqa()}, true, true);
         l.wo = tc.get(blk(il, "attn_output.weight"), {hp.n_embd_o(), n_embd}, true, true);
-        l.bq = tc.get(blk(il, "attn_q.bias"), {hp.n_embd_q()}, false, false);
-        l.bk = tc.get(blk(il, "attn_k.bias"), {hp.n_embd_kv()}, false, false);
-        l.bv = tc.get(blk(il, "attn_v.bias"), {hp.n_embd_v_gqa()}, false, false);
+        l.bq = tc.get(blk(il, "attn_q.bias"), {hp.n_embd_q()}, traits.qkv_bias, false);
+        l.bk = tc.get(blk(il, "attn_k.bias"), {hp.n_embd_kv()}, traits.qkv_bias, false);
+        l.bv = tc.get(blk(il, "attn_v.bias"), {hp.n_embd_v_gqa()}, traits.qkv_bias, false);
         l.bo = tc.get(blk(il, "attn_output.bias"), {n_embd}, false, false);
-        l.q_norm = tc.get(blk(il, "attn_q_norm.weight"), {hp.head_dim_k}, qk_norm, false);
-        l.k_norm = tc.get(blk(il, "attn_k_norm.weight"), {hp.head_dim_k}, qk_norm, false);
+        l.q_norm = tc.get(blk(il, "attn_q_norm.weight"), {hp.head_dim_k}, traits.qk_norm, false);
+        l.k_norm = tc.get(blk(il, "attn_k_norm.weight"), {hp.head_dim_k}, traits.qk_norm, false);
         l.ffn_norm = tc.get(blk(il, "ffn_norm.weight"), {n_embd}, true, false);
         l.ffn_gate = tc.get(blk(il, "ffn_gate.weight"), {n_embd, hp.n_ff}, true, true);
         l.ffn_up   = tc.get(blk(il, "ffn_up.weight"), {n_embd, hp.n_ff}, true, true);
@@ -180,9 +213,10 @@ void dm_model_load_file(dm_model & model, const std::string & path, bool use_mma
     const std::string type = dm::gguf_string(model.gguf, "general.type").value_or("model");
     if (type == "adapter") fail("'%s' is an adapter, not a model: pass it as adapter=", path.c_str());
     model.arch_name = dm::gguf_require_string(model.gguf, "general.architecture");
-    model.arch = parse_arch(model.arch_name);
-    read_hparams(model);
-    bind_tensors(model);
+    const arch_traits & traits = find_arch(model.arch_name);
+    model.arch = traits.arch;
+    read_hparams(model, traits);
+    bind_tensors(model, traits);
     model.vocab.load(model.gguf);
     model.file.load_data(use_mmap);
     if (use_repack) dm_repack_weights(model);

@@ -16,7 +16,7 @@
 
 struct gguf_context;
 
-enum class dm_arch { llama, qwen3, smollm3 };
+enum class dm_arch { llama, qwen2, qwen3, smollm3 };
 
 struct dm_hparams {
     int32_t n_vocab     = 0;
@@ -46,7 +46,7 @@ struct dm_layer {
     ggml_tensor * wk = nullptr;          // [n_embd, n_embd_kv]
     ggml_tensor * wv = nullptr;          // [n_embd, n_embd_v_gqa]
     ggml_tensor * wo = nullptr;          // [n_embd_o, n_embd]
-    ggml_tensor * bq = nullptr;          // optional biases
+    ggml_tensor * bq = nullptr;          // biases: required for Qwen2's q/k/v, optional elsewhere
     ggml_tensor * bk = nullptr;
     ggml_tensor * bv = nullptr;
     ggml_tensor * bo = nullptr;
