@@ -441,7 +441,7 @@ def test_target_layers_the_model_lacks_or_that_miss_weights(tmp_path):
     with pytest.warns(UserWarning, match=rf"\[{n + 3}\]"):
         fields, _ = read_gguf(conv.convert_adapter(folder, tmp_path / "a.gguf", base=hf_dir(tmp_path, "qwen3")))
     assert fields["deltamem.target_layers"] == [1]
-    for name, targets, message in (("unweighted", [0, 1], "no weights for layer"), ("unlisted", [0], "target_layers does not select")):
+    for name, targets, message in (("unweighted", [0, 1], "no weights for layer"), ("unlisted", [0], "target_layers does not select them")):
         weights = tensors if name == "unweighted" else {k.replace("layers.1.", "layers.0."): v for k, v in tensors.items()} | tensors
         folder = write_adapter(tmp_path / name, {**config, "target_layers": targets}, weights)
         with pytest.raises(ValueError, match=message):

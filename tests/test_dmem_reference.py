@@ -12,7 +12,7 @@ import pytest
 import torch
 
 
-from dmem_fixtures import VARIANTS, make_adapter, run_session, session_calls, tiny_backbone  # noqa: E402
+from dmem_fixtures import VARIANTS, make_adapter, tiny_backbone  # noqa: E402
 from dmem_reference import (  # noqa: E402
     DeltaMemReference, bare_logits_session, corrections, mean_write_ids, memory_features, ref_config,
     scan_mean_writes, scan_tokens, write,
@@ -238,16 +238,3 @@ def test_mean_granularity_without_usable_ids_writes_per_token(ids):
     _, token = session("qwen3", "released")  # same seed → same weights; only the granularity differs
     assert torch.allclose(mean.decode(PROMPT, message_ids=ids), token.decode(PROMPT), rtol=1e-12, atol=1e-12)
     assert torch.allclose(mean.memory, token.memory, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_variant_changes_the_logits(variant):
-    """Guard for the engine comparisons, over the multi-call session they use: a logits
-    comparison proves nothing if the adapter barely moves the logits."""
-    model, ref = session("qwen3", variant)
-    calls = session_calls()
-    got = run_session(ref, calls)
-    ref.remove()
-    bare = bare_logits_session(model, [c["tokens"] for c in calls])
-    assert (got - bare).abs().max() > 0.05 * bare.abs().max()
-    assert torch.any(ref.memory != 0)

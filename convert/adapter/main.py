@@ -33,7 +33,9 @@ def resolve_target_layers(cfg: AdapterConfig, in_file: set[int], block_count: in
         raise ValueError(f"the adapter targets {which} but holds no weights for layer(s) {missing}")
     extra = sorted(in_file - set(targets))
     if extra:
-        raise ValueError(f"the adapter holds weights for layer(s) {extra}, which target_layers does not select")
+        why = (f"the base model has {block_count} layers" if cfg.target_layers is None
+               else "target_layers does not select them")
+        raise ValueError(f"the adapter holds weights for layer(s) {extra}, but {why}")
     return tuple(targets)
 
 
