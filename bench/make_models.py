@@ -59,8 +59,8 @@ RELEASE_ADAPTER_CONFIG = {
     "delta_o_rmsnorm": False,
     "delta_o_rmsnorm_eps": 1e-6,
     "trainable_delta_scale": False,
-    "delta_scale_max": 1.0,
-    "delta_scale_granularity": "scalar",
+    "delta_scale_max": 2.0,
+    "delta_scale_granularity": "layer",
     "memory_readout_mode": "delta",
 }
 

@@ -26,12 +26,29 @@ _NUMPY_DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+_ITEMSIZES = {"BF16": 2, **{tag: np.dtype(t).itemsize for tag, t in _NUMPY_DTYPES.items()}}
 _HEADER_LIMIT = 100 * 1024 * 1024  # a sane header is far smaller; more means a corrupt file
 
 
 def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: shift the 16 stored bits into place."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
+    """A header entry must describe a tensor lying inside the file, with as many bytes as its shape needs."""
+    try:
+        dtype_tag, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: malformed header entry for tensor {name!r} ({e!r})") from e
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or min(shape, default=0) < 0:
+        raise ValueError(f"{path}: tensor {name!r} has invalid offsets or shape")
+    if end > data_size:
+        raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+    itemsize = _ITEMSIZES.get(dtype_tag) if isinstance(dtype_tag, str) else None   # unknown types fail on reading
+    needed = int(np.prod(shape)) * (itemsize or 0)
+    if itemsize is not None and end - begin != needed:
+        raise ValueError(f"{path}: tensor {name!r} holds {end - begin} bytes, its shape {shape} needs {needed}")
 
 
 class _SafetensorsFile:
@@ -46,10 +63,21 @@ class _SafetensorsFile:
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > _HEADER_LIMIT:
                 raise ValueError(f"{path}: implausible safetensors header length {header_len}")
-            header = json.loads(f.read(header_len))
+            header_bytes = f.read(header_len)
+        if len(header_bytes) != header_len:
+            raise ValueError(f"{path}: the header runs past the end of the file (truncated?)")
+        try:
+            header = json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: malformed safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: malformed safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header
         self.data_start = 8 + header_len
+        data_size = path.stat().st_size - self.data_start
+        for name, entry in header.items():
+            _check_entry(path, name, entry, data_size)
         self._map: np.memmap | None = None
 
     def tensor(self, name: str) -> np.ndarray:
@@ -111,3 +139,9 @@ class SafetensorsCheckpoint:
         if name not in self._opened[path].entries:
             raise ValueError(f"{path}: the index lists tensor {name!r} but the file does not hold it")
         return self._opened[path]
+
+
+def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file, by name (bf16 widened to float32; views of the mapped file)."""
+    file = _SafetensorsFile(Path(path))
+    return {name: file.tensor(name) for name in file.entries}

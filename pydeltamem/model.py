@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -68,6 +69,9 @@ class Model:
         self._native = _core.Model(path, use_mmap, None if adapter is None else os.fspath(adapter), use_repack)
         info = self._native.adapter_info
         self._adapter: dict[str, Any] | None = None if info is None else json.loads(info)
+        if self._adapter is not None and not self._adapter["delta_heads"]:
+            warnings.warn(f"the δ-mem adapter of {self._adapter['source']} has no delta heads: its memory is kept "
+                          "but corrects nothing, so the model behaves as the bare backbone", stacklevel=2)
         self._metadata: dict[str, Any] | None = None
 
     # ---- lifecycle ----
@@ -299,12 +303,21 @@ class Context:
         return None if logits == "none" else out
 
     def _segment_ids(self, n: int, message_ids, sentence_ids) -> list[int] | None:
+        """The ids a mean-granularity adapter groups its writes by, as the official runtime takes
+        them: message_mean reads message_ids; sentence_mean needs both, a token writing only when
+        both of its ids are >= 0. None (token writes): no such ids; the engine also writes per
+        token when no id is >= 0."""
         for name, ids in (("message_ids", message_ids), ("sentence_ids", sentence_ids)):
             if ids is not None and len(ids) != n:
                 raise ValueError(f"{name} has {len(ids)} entries for {n} tokens")
         granularity = (self.model._adapter or {}).get("write_granularity")
-        chosen = {"message_mean": message_ids, "sentence_mean": sentence_ids}.get(granularity)
-        return None if chosen is None else [int(i) for i in chosen]
+        if granularity not in ("message_mean", "sentence_mean") or message_ids is None:
+            return None
+        if granularity == "message_mean":
+            return [int(i) for i in message_ids]
+        if sentence_ids is None:
+            return None
+        return [int(s) if int(m) >= 0 else -1 for m, s in zip(message_ids, sentence_ids)]
 
     # ---- δ-mem memory ----
     def _require_adapter(self) -> dict[str, Any]:

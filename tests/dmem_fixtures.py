@@ -1,11 +1,16 @@
-"""Random δ-mem adapters in the reference release format, for tiny Hugging Face backbones.
+"""Random δ-mem adapters in the official release format, for tiny Hugging Face backbones.
 
-- `VARIANTS`: the adapter configurations the tests cover (issue 4's list), as overrides of
-  `RELEASED_CONFIG` (rank 8, alpha 16, heads q,o, token writes, standard update,
-  coupled λ, rankwise gates, one state head).
-- `make_adapter(hf_config, overrides, seed)`: (config dict, {source key: bf16 torch tensor}).
-  Every weight is non-zero — also the inactive heads' W_Δ and an unused λ projection, so an
-  engine that applied them would be caught — and scaled so the adapter visibly moves logits.
+- `VARIANTS`: the adapter configurations the tests cover, as overrides of the official defaults
+  (`OFFICIAL_CONFIG`: every key the official trainer writes; rank 8, alpha 16, all four heads,
+  token writes, standard update, coupled λ, rankwise gates, one state head, every layer).
+  Together they take every value of every option the runtime reads at least once, and every
+  combination of learned scale (none, layer, head) with the Δo RMSNorm (off, on).
+- `make_adapter(hf_config, overrides, seed)`: (config dict, {source key: bf16 torch tensor}),
+  the config as the official `asdict` writes it and the tensors the official module saves:
+  memory projections, all four W_Δ, the β gate, λ's weights when uncoupled, the Δo RMSNorm
+  weight when enabled, the learned scale when trainable. Every weight is non-zero — the
+  inactive heads' W_Δ too (the official stores zeros there), so an engine that applied them
+  would be caught — and scaled so the adapter visibly moves logits.
 - `write_adapter(folder, config, tensors, fmt)`: delta_mem_config.json + delta_mem_adapter.pt
   (torch.save of a dict of bf16 tensors) or .safetensors.
 - `tiny_backbone(name)`: a tiny float32 HF model (from tests/tiny_models.py's specs).
@@ -18,41 +23,47 @@ from pathlib import Path
 
 import torch
 
-from pydeltamem.bench.make_models import RELEASE_ADAPTER_CONFIG as RELEASED_CONFIG   # the benchmark's too
+from dmem_reference import OFFICIAL_CONFIG
 
 HEADS = ("q", "k", "v", "o")
 
-ALL_HEADS = {"delta_heads": ["q", "k", "v", "o"]}
+QO = {"delta_heads": ["q", "o"]}   # the released adapter's heads
+SCALE_LAYER = {"trainable_delta_scale": True}
+SCALE_HEAD = {"trainable_delta_scale": True, "delta_scale_granularity": "head", "delta_scale_max": 1.5,
+              "delta_scale_init": 0.5}
+O_NORM = {"delta_o_rmsnorm": True, "delta_o_rmsnorm_eps": 1e-5}
 VARIANTS: dict[str, dict] = {
-    "released": {},
-    "all_heads": ALL_HEADS,
-    "lambda_outside": {**ALL_HEADS, "state_update_mode": "lambda_outside"},
-    "no_lambda": {**ALL_HEADS, "state_update_mode": "no_lambda"},
-    "uncoupled_lambda": {**ALL_HEADS, "couple_lambda": False},
-    "uncoupled_lambda_outside": {"couple_lambda": False, "state_update_mode": "lambda_outside"},
-    "scalar_gates": {"rankwise_gates": False},
-    "scalar_gates_uncoupled": {"rankwise_gates": False, "couple_lambda": False, "num_state_heads": 2},
-    "state_heads_4": {**ALL_HEADS, "num_state_heads": 4},
-    "message_mean": {"memory_write_granularity": "message_mean"},
-    "sentence_mean": {**ALL_HEADS, "memory_write_granularity": "sentence_mean"},
-    "target_subset": {"target_layers": [1]},
-    "rank_4": {"rank": 4, "alpha": 8},
-    "rank_16": {"rank": 16, "alpha": 16},
-    "o_rmsnorm": {"delta_o_rmsnorm": True, "delta_o_rmsnorm_eps": 1e-5},
-    "learned_scale_scalar": {"trainable_delta_scale": True, "delta_scale_max": 2.0, "delta_scale_granularity": "scalar"},
-    "learned_scale_head": {**ALL_HEADS, "trainable_delta_scale": True, "delta_scale_max": 1.5, "delta_scale_granularity": "head"},
-    "learned_scale_channel": {
-        **ALL_HEADS, "trainable_delta_scale": True, "delta_scale_max": 3.0, "delta_scale_granularity": "channel",
-    },
-    "learned_scale_rmsnorm": {
-        "trainable_delta_scale": True, "delta_scale_max": 2.0, "delta_scale_granularity": "channel",
-        "delta_o_rmsnorm": True,
-    },
+    "released": QO,
+    "defaults": {},
+    "lambda_outside": {"state_update_mode": "lambda_outside"},
+    "no_lambda": {"state_update_mode": "no_lambda"},
+    "no_lambda_uncoupled": {"state_update_mode": "no_lambda", "couple_lambda": False},   # λ stored, unused
+    "uncoupled_lambda": {"couple_lambda": False},
+    "uncoupled_lambda_outside": {**QO, "couple_lambda": False, "state_update_mode": "lambda_outside"},
+    "scalar_gates": {**QO, "rankwise_gates": False},
+    "scalar_gates_uncoupled": {**QO, "rankwise_gates": False, "couple_lambda": False, "num_state_heads": 2},
+    "state_heads_4": {"num_state_heads": 4},
+    "no_qk_norm": {**QO, "normalize_qk": False},
+    "message_mean": {**QO, "memory_write_granularity": "message_mean"},
+    "sentence_mean": {"memory_write_granularity": "sentence_mean"},
+    "target_subset": {**QO, "target_layers": [1]},
+    "rank_4": {**QO, "rank": 4, "alpha": 8.0},
+    "rank_16": {**QO, "rank": 16, "alpha": 16.0},
+    "head_k": {"delta_heads": ["k"]},
+    "head_v": {"delta_heads": ["v"]},
+    "head_o": {"delta_heads": ["o"]},
+    "o_rmsnorm": O_NORM,
+    "learned_scale_layer": SCALE_LAYER,
+    "learned_scale_head": SCALE_HEAD,
+    "learned_scale_layer_rmsnorm": {**SCALE_LAYER, **O_NORM},
+    "learned_scale_head_rmsnorm": {**SCALE_HEAD, **O_NORM},
+    "learned_scale_head_rmsnorm_qo": {**QO, **SCALE_HEAD, "delta_o_rmsnorm": True},
 }
+NO_HEADS = {"delta_heads": []}   # a no-op adapter: valid in the official code, tested on its own
 
 
 def adapter_config(overrides: dict | None = None) -> dict:
-    return {**RELEASED_CONFIG, **(overrides or {})}
+    return {**OFFICIAL_CONFIG, **(overrides or {})}
 
 
 def backbone_widths(hf_config) -> dict[str, int]:
@@ -76,8 +87,7 @@ def make_adapter(hf_config, overrides: dict | None = None, seed: int = 0, zero_c
     D = rank * heads
     gate_width = D if config["rankwise_gates"] else heads
     widths = backbone_widths(hf_config)
-    n_layers = hf_config.num_hidden_layers
-    layers = range(n_layers) if config["target_layers"] is None else config["target_layers"]
+    layers = config["target_layers"] or range(hf_config.num_hidden_layers)
 
     def normal(*shape, std):
         return torch.randn(*shape, generator=gen) * std
@@ -90,26 +100,31 @@ def make_adapter(hf_config, overrides: dict | None = None, seed: int = 0, zero_c
     tensors = {}
     for layer in layers:
         p = f"model.layers.{layer}.self_attn."
-        # RMSNormed x has entries ~1: std 1/sqrt(d) gives memory q/k/v entries ~1.
+        if config["trainable_delta_scale"]:
+            n = 4 if config["delta_scale_granularity"] == "head" else 1
+            tensors[p + "delta_scale_raw"] = away_from_zero(n, std=1.0)
+        # RMSNormed x has entries ~1: std 1/sqrt(d) gives memory q/k/v entries ~1. Unnormalised keys
+        # must stay short (‖k‖ < 1), or the delta rule's erase term makes the state grow without bound.
+        qk_std = 1.0 if config["normalize_qk"] else 0.5 / math.sqrt(rank)
         for name in ("memory_q_proj", "memory_k_proj", "memory_v_proj"):
-            tensors[p + name] = away_from_zero(D, d_model, std=1.0 / math.sqrt(d_model))
-        tensors[p + "beta_proj"] = away_from_zero(gate_width, d_model, std=0.5 / math.sqrt(d_model))
-        tensors[p + "beta_bias"] = away_from_zero(gate_width, std=0.5)
-        tensors[p + "lambda_proj"] = away_from_zero(gate_width, d_model, std=0.5 / math.sqrt(d_model))
-        tensors[p + "lambda_bias"] = away_from_zero(gate_width, std=0.5) + 1.0
+            std = qk_std if name != "memory_v_proj" else 1.0
+            tensors[p + name] = away_from_zero(D, d_model, std=std / math.sqrt(d_model))
         for head in HEADS:
             std = 0.0 if zero_corrections else 0.3 / math.sqrt(D)
             tensors[p + f"delta_{head}_proj"] = away_from_zero(widths[head], D, std=std) if std else torch.zeros(widths[head], D)
-        tensors[p + "delta_o_rmsnorm_weight"] = 0.3 * (1.0 + 0.3 * normal(d_model, std=1.0))
-        if config["trainable_delta_scale"]:
-            granularity = config["delta_scale_granularity"]
-            n = {"scalar": None, "head": 4, "channel": sum(widths.values())}[granularity]
-            tensors[p + "delta_scale_raw"] = away_from_zero(1, std=1.0)[0] if n is None else away_from_zero(n, std=1.0)
+        if config["delta_o_rmsnorm"]:
+            tensors[p + "delta_o_rmsnorm_weight"] = 0.3 * (1.0 + 0.3 * normal(d_model, std=1.0))
+        tensors[p + "beta_proj"] = away_from_zero(gate_width, d_model, std=0.5 / math.sqrt(d_model))
+        tensors[p + "beta_bias"] = away_from_zero(gate_width, std=0.5)
+        if not config["couple_lambda"]:
+            tensors[p + "lambda_proj"] = away_from_zero(gate_width, d_model, std=0.5 / math.sqrt(d_model))
+            tensors[p + "lambda_bias"] = away_from_zero(gate_width, std=0.5) + 1.0
     return config, {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
 
 
 def write_adapter(folder: Path, config: dict, tensors: dict, fmt: str = "pt", weight_suffix: bool = False) -> Path:
-    """The reference release layout: delta_mem_config.json + delta_mem_adapter.{pt,safetensors}.
+    """The official release layout: delta_mem_config.json (json.dumps(asdict(config), indent=2),
+    as the official save_pretrained writes it) + delta_mem_adapter.{pt,safetensors}.
 
     weight_suffix=True appends `.weight` to every key (some exports do)."""
     folder = Path(folder)
@@ -121,7 +136,7 @@ def write_adapter(folder: Path, config: dict, tensors: dict, fmt: str = "pt", we
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.reshape(v.shape) for k, v in keyed.items()}, str(folder / "delta_mem_adapter.safetensors"))
+        save_file(keyed, str(folder / "delta_mem_adapter.safetensors"))
     else:
         raise ValueError(fmt)
     return folder
@@ -149,11 +164,14 @@ def tiny_backbone(arch: str, vocab_size: int = TINY_VOCAB):
 # ----------------------------------------------------------------------------- sessions
 
 def session_calls(vocab_size: int = TINY_VOCAB, seed: int = 0) -> list[dict]:
-    """A multi-call session as issue 4 asks: a prefill, single-token decodes, another prefill.
+    """A multi-call session: a prefill, single-token decodes with and without writes, another
+    prefill, then the calls a mean granularity falls back to token writes for (official rule):
+    ids all −1 (a generation prompt), no ids, sentence ids without message ids, and message
+    ids whose sentence ids are all −1.
 
     Each call: tokens, message_ids (−1 = system/template glue, then increasing message ids;
     a decoded token carries the assistant message's id), sentence_ids (−1 on glue, several
-    sentences per message), write flag. Pass the ids the adapter's granularity needs."""
+    sentences per message), write flag."""
     gen = torch.Generator().manual_seed(seed)
 
     def tokens(n):
@@ -167,6 +185,10 @@ def session_calls(vocab_size: int = TINY_VOCAB, seed: int = 0) -> list[dict]:
         {"tokens": tokens(1), "message_ids": [1], "sentence_ids": [3], "write": False},
         {"tokens": tokens(9), "message_ids": [-1, -1, 2, 2, 2, 2, 2, -1, 3],
          "sentence_ids": [-1, -1, 4, 4, 5, 5, 5, -1, 6], "write": True},
+        {"tokens": tokens(3), "message_ids": [-1, -1, -1], "sentence_ids": [-1, -1, -1], "write": True},
+        {"tokens": tokens(2), "message_ids": None, "sentence_ids": None, "write": True},
+        {"tokens": tokens(2), "message_ids": None, "sentence_ids": [7, 7], "write": True},
+        {"tokens": tokens(2), "message_ids": [4, 4], "sentence_ids": [-1, -1], "write": True},
     ]
 
 

@@ -1,6 +1,8 @@
-"""Independent float64 reference of δ-mem (DESIGN.md §3), the oracle for the engine.
+"""Independent float64 reference of δ-mem, the oracle for the engine.
 
-Written from the spec only — it shares no code with the converter or the runtime. It wraps
+Written from the specification only — the official δ-mem code's semantics (declare-lab/delta-Mem,
+deltamem/core/delta_impl.py: defaults, correction order, write fallbacks) as DESIGN.md §3 restates
+them — and sharing no code with the converter or the runtime. It wraps
 a Hugging Face causal LM (Qwen3 / Llama / SmolLM3) converted to float64:
 
 - a forward pre-hook on each targeted layer's `self_attn` sees x (the attention input,
@@ -53,29 +55,58 @@ class RefConfig:
         return self.rank * self.heads
 
 
-def ref_config(config: dict, n_layers: int) -> RefConfig:
-    """DESIGN §3/§4 defaults: normalize_qk, coupled λ, standard update, token writes, H = 1."""
-    def get(key, default):
-        value = config.get(key)
-        return default if value is None else value
+# `delta_mem_config.json` exactly as the official trainer writes it for an adapter with every default:
+# `asdict` of the official HFDeltaMemConfig (deltamem/core/delta_impl.py), tuples as JSON lists.
+# Written down here from reading that dataclass, independently of the converter.
+OFFICIAL_CONFIG = {
+    "rank": 8, "alpha": 16.0, "beta_bias_init": -1.5, "normalize_qk": True, "couple_lambda": True,
+    "state_update_mode": "standard", "rankwise_gates": True, "output_init": "zero", "base_slice_ref_width": 8,
+    "online_gain": 0.05, "num_state_heads": 1, "num_memory_partitions": 1, "num_global_memory_partitions": 0,
+    "memory_partition_routing": "soft", "memory_partition_basis": "shared", "tie_memory_partition_read_write": False,
+    "memory_partition_read_mode": "softmax", "memory_partition_sigmoid_gate_bias_init": -2.0, "slot_read_top_k": 0,
+    "global_memory_mode": "shared_rw", "global_memory_read_top_k": 0, "global_memory_merge_mode": "gated_residual",
+    "global_memory_gate_bias_init": -2.0, "global_memory_read_logit_bias": 0.0, "memory_reader_layers": [],
+    "memory_reader_hidden_size": 1024, "memory_reader_residual_scale": 0.1, "memory_reader_read_only": True,
+    "memory_readout_mode": "delta", "memory_write_source": "learned_hidden", "memory_write_granularity": "token",
+    "memory_write_proposals_per_message": 2, "synthetic_memory_slots": 1, "latent_memory_layers": [],
+    "latent_memory_hidden_size": 1024, "latent_memory_residual_scale": 0.1, "latent_memory_slots": 4,
+    "latent_memory_init_std": 0.002, "latent_gate_init": 0.01, "target_modules": ["self_attn"], "target_layers": [],
+    "delta_heads": ["q", "k", "v", "o"], "delta_o_rmsnorm": False, "delta_o_rmsnorm_eps": 1e-6,
+    "trainable_delta_scale": False, "delta_scale_init": 1.0, "delta_scale_max": 2.0, "delta_scale_granularity": "layer",
+    "delta_scale_parameterization": "alpha_over_rank",
+}
 
-    targets = config.get("target_layers")
+
+def _heads(value) -> tuple[str, ...]:
+    """Official rule: a list or comma string; empty or "none" = no correction."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(i).strip().lower() for i in items if str(i).strip()]
+    return () if items in ([], ["none"]) else tuple(h for h in HEADS if h in items)
+
+
+def ref_config(config: dict, n_layers: int) -> RefConfig:
+    """The official defaults fill missing (or null) keys; target_layers empty = every layer."""
+    def get(key):
+        value = config.get(key)
+        return OFFICIAL_CONFIG[key] if value is None else value
+
+    targets = get("target_layers")
     return RefConfig(
-        rank=int(config["rank"]),
-        alpha=float(get("alpha", config["rank"])),
-        heads=int(get("num_state_heads", 1)),
-        normalize_qk=bool(get("normalize_qk", True)),
-        couple_lambda=bool(get("couple_lambda", True)),
-        update_mode=get("state_update_mode", "standard"),
-        rankwise_gates=bool(get("rankwise_gates", True)),
-        granularity=get("memory_write_granularity", "token"),
-        delta_heads=tuple(h for h in HEADS if h in config["delta_heads"]),
-        target_layers=tuple(range(n_layers)) if targets is None else tuple(sorted(targets)),
-        o_rmsnorm=bool(get("delta_o_rmsnorm", False)),
-        o_rmsnorm_eps=float(get("delta_o_rmsnorm_eps", 1e-6)),
-        learned_scale=bool(get("trainable_delta_scale", False)),
-        scale_max=float(get("delta_scale_max", 1.0)),
-        scale_granularity=get("delta_scale_granularity", "scalar"),
+        rank=int(get("rank")),
+        alpha=float(get("alpha")),
+        heads=int(get("num_state_heads")),
+        normalize_qk=bool(get("normalize_qk")),
+        couple_lambda=bool(get("couple_lambda")),
+        update_mode=get("state_update_mode"),
+        rankwise_gates=bool(get("rankwise_gates")),
+        granularity=get("memory_write_granularity"),
+        delta_heads=_heads(get("delta_heads")),
+        target_layers=tuple(sorted(targets)) if targets else tuple(range(n_layers)),
+        o_rmsnorm=bool(get("delta_o_rmsnorm")),
+        o_rmsnorm_eps=float(get("delta_o_rmsnorm_eps")),
+        learned_scale=bool(get("trainable_delta_scale")),
+        scale_max=float(get("delta_scale_max")),
+        scale_granularity=get("delta_scale_granularity"),
     )
 
 
@@ -184,37 +215,47 @@ def scan_mean_writes(S: torch.Tensor, w: dict, cfg: RefConfig, x: torch.Tensor, 
     return o, S
 
 
-def sigmoid_scale(raw: torch.Tensor, cfg: RefConfig, widths: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Learned multiplier per head kind: sigmoid(raw)·max, as a scalar or per output channel.
-    Layouts: scalar (1 value), head (4 values, q,k,v,o), channel (q,k,v,o widths concatenated)."""
+def learned_scale(raw: torch.Tensor, cfg: RefConfig) -> dict[str, torch.Tensor]:
+    """The official learned multiplier per head kind: sigmoid(raw)·max, raw holding one value
+    (granularity "layer", shared) or four (granularity "head", in q, k, v, o order)."""
     g = torch.sigmoid(raw.reshape(-1)) * cfg.scale_max
-    if cfg.scale_granularity == "scalar":
-        return {h: g[0] for h in HEADS}
     if cfg.scale_granularity == "head":
+        assert g.numel() == 4
         return {h: g[i] for i, h in enumerate(HEADS)}
-    assert cfg.scale_granularity == "channel"
-    out, start = {}, 0
-    for h in HEADS:
-        out[h] = g[start : start + widths[h]]
-        start += widths[h]
-    return out
+    assert cfg.scale_granularity == "layer" and g.numel() == 1
+    return {h: g[0] for h in HEADS}
 
 
 def corrections(w: dict, cfg: RefConfig, o: torch.Tensor) -> dict[str, torch.Tensor]:
-    """o: [T, D] → {head: Δ [T, out]} for the active heads (DESIGN §3 'Corrections')."""
+    """o: [T, D] → {head: Δ [T, out]} for the active heads, in the official order: each head's
+    projection times alpha/rank times its learned scale; then, for Δo, the optional RMSNorm
+    (with its weight) of that product."""
     s = cfg.alpha / cfg.rank
-    widths = {h: w[f"delta_{h}_proj"].shape[0] for h in HEADS}
-    learned = sigmoid_scale(w["delta_scale_raw"], cfg, widths) if cfg.learned_scale else {}
+    g = learned_scale(w["delta_scale_raw"], cfg) if cfg.learned_scale else {}
     out = {}
     for h in cfg.delta_heads:
-        delta = s * (o @ w[f"delta_{h}_proj"].T)
+        delta = (o @ w[f"delta_{h}_proj"].T) * s * g.get(h, 1.0)
         if h == "o" and cfg.o_rmsnorm:
             rms = torch.sqrt(delta.pow(2).mean(dim=-1, keepdim=True) + cfg.o_rmsnorm_eps)
             delta = delta / rms * w["delta_o_rmsnorm_weight"]
-        if h in learned:
-            delta = delta * learned[h]
         out[h] = delta
     return out
+
+
+def mean_write_ids(granularity: str, n: int, message_ids, sentence_ids) -> list[int] | None:
+    """The ids a mean write groups by, or None for per-token writes (official `_message_write_inputs`,
+    `_sentence_write_inputs`): message_mean needs message ids, sentence_mean both message and sentence
+    ids (a token takes part when both are >= 0); ids missing, mis-sized or with no token taking part
+    fall back to token writes."""
+    if granularity == "token" or message_ids is None or len(message_ids) != n:
+        return None
+    if granularity == "sentence_mean":
+        if sentence_ids is None or len(sentence_ids) != n:
+            return None
+        ids = [int(s) if int(m) >= 0 and int(s) >= 0 else -1 for m, s in zip(message_ids, sentence_ids)]
+    else:
+        ids = [int(m) for m in message_ids]
+    return ids if any(i >= 0 for i in ids) else None
 
 
 # ----------------------------------------------------------------------------- the wrapped model
@@ -279,7 +320,7 @@ class DeltaMemReference:
     def _scan(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         call = self._call
         w, S = self.weights[layer], self.state[layer]
-        if call["ids"] is None:  # token granularity, or a mean granularity without ids
+        if call["ids"] is None:  # token granularity, or a mean granularity without usable ids
             o, S_new = scan_tokens(S, memory_features(w, self.cfg, x), do_write=call["write"])
         else:
             o, S_new = scan_mean_writes(S, w, self.cfg, x, call["ids"], do_write=call["write"])
@@ -289,11 +330,8 @@ class DeltaMemReference:
     # decoding -----------------------------------------------------------------------------
     def decode(self, tokens, message_ids=None, sentence_ids=None, write: bool = True) -> torch.Tensor:
         """Run one call (tokens continue the KV cache and the memory); float64 logits [T, vocab]."""
-        ids = {"message_mean": message_ids, "sentence_mean": sentence_ids}.get(self.cfg.granularity)
-        if ids is not None:
-            ids = [int(i) for i in ids]
-            assert len(ids) == len(tokens)
-        self._call = {"ids": ids, "write": write}
+        self._call = {"ids": mean_write_ids(self.cfg.granularity, len(tokens), message_ids, sentence_ids),
+                      "write": write}
         if self.cache is None:
             from transformers import DynamicCache
 

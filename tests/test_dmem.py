@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pydeltamem
-from dmem_fixtures import VARIANTS, make_adapter, run_session, session_calls, write_adapter
+from dmem_fixtures import NO_HEADS, VARIANTS, make_adapter, run_session, session_calls, write_adapter
 from dmem_reference import DeltaMemReference, bare_logits_session
 from pydeltamem.convert.adapter import convert_adapter
 
@@ -74,23 +74,28 @@ def test_variant_matches_float64_reference(variant, backbone, tmp_path):
     top1 = float(np.mean(got.argmax(-1) == ref_logits.argmax(-1)))
     print(f"{variant}: rel err {err:.2e}, adapter effect {effect:.2e}, top-1 agreement {top1:.3f}")
     assert effect > 1e-2, "the adapter must visibly change the logits, else the comparison proves nothing"
+    assert np.abs(ref_memory).max() > 1e-2, "the memory must be written, else its comparison proves nothing"
     assert err <= F32_TOL
     np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-bias", "smollm3"])
-@pytest.mark.parametrize("variant", ["released", "all_heads"])
+@pytest.mark.parametrize("variant", ["released", "defaults", "learned_scale_head_rmsnorm"])
 def test_other_architectures(arch, variant, backbone, tmp_path):
     gguf_path, hf_model, _ = backbone(arch)
     config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], fmt="safetensors", outtype="f32")
     calls = session_calls(hf_model.config.vocab_size)
-    ref_logits, _ = reference_session(hf_model, config, tensors, calls)
+    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
     with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
-        got, _ = engine_session(m, calls)
-    assert rel_err(got, ref_logits) <= F32_TOL
+        got, ctx = engine_session(m, calls)
+        memory = ctx.memory
+    err = rel_err(got, ref_logits)
+    print(f"{arch} {variant}: rel err {err:.2e}")
+    assert err <= F32_TOL
+    np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["released", "all_heads", "learned_scale_channel"])
+@pytest.mark.parametrize("variant", ["released", "defaults", "learned_scale_head_rmsnorm"])
 def test_f16_adapter_matches_float64_reference(variant, backbone, tmp_path):
     """The default conversion of a bf16 release is f16: released weights (alpha/rank = 2 folds
     exactly) give the f32 file's logits, decoded through the f16 copies; a learned scale folds
@@ -128,7 +133,7 @@ def test_f16_adapter_matches_float64_reference(variant, backbone, tmp_path):
 def test_zero_corrections_reproduce_the_bare_model(weights, repack, backbone, tiny_gguf, tmp_path):
     f32_path, hf_model, _ = backbone("qwen3")
     gguf_path = tiny_gguf(BACKBONES["qwen3"], weights)
-    _, _, adapter = convert(tmp_path, hf_model, f32_path, VARIANTS["all_heads"], zero_corrections=True)
+    _, _, adapter = convert(tmp_path, hf_model, f32_path, VARIANTS["defaults"], zero_corrections=True)
     calls = session_calls(hf_model.config.vocab_size)
     with pydeltamem.Model(gguf_path, n_ctx=64, use_repack=repack) as bare_model:
         bare, _ = engine_session(bare_model, calls)
@@ -174,7 +179,7 @@ def test_portable_vector_kernels_match(backbone, tmp_path):
     import sys
 
     gguf_path, hf_model, _ = backbone("qwen3")
-    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["all_heads"])
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["defaults"])
     calls = session_calls(hf_model.config.vocab_size)
     script = (
         "import json, sys, numpy as np, pydeltamem\n"
@@ -276,3 +281,64 @@ def test_bad_adapters_raise(backbone, tiny_gguf, tmp_path):
         pydeltamem.Model(gguf_path, adapter=gguf_path)
     with pytest.raises(ValueError, match="an adapter, not a model"):
         pydeltamem.Model(adapter)
+
+
+def test_adapter_without_delta_heads_is_the_bare_model_with_memory(backbone, tmp_path):
+    """delta_heads [] (official: valid, no correction): loads with a warning; logits are the bare
+    model's, and the memory is still written exactly as the reference writes it."""
+    gguf_path, hf_model, _ = backbone("qwen3")
+    with pytest.warns(UserWarning, match="delta_heads"):
+        config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, NO_HEADS, outtype="f32")
+    calls = session_calls(hf_model.config.vocab_size)
+    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
+    with pydeltamem.Model(gguf_path, n_ctx=64) as bare_model:
+        bare, _ = engine_session(bare_model, calls)
+    with pytest.warns(UserWarning, match="no delta heads"):
+        m = pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64)
+    with m:
+        assert m.adapter["delta_heads"] == []
+        got, ctx = engine_session(m, calls)
+        memory = ctx.memory
+    assert rel_err(got, bare) <= 1e-6
+    assert rel_err(ref_logits, bare_logits_session(copy.deepcopy(hf_model), [c["tokens"] for c in calls]).numpy()) == 0
+    assert np.abs(memory).max() > 0
+    np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
+
+
+def test_hand_made_adapters_are_checked_at_load(backbone, tmp_path):
+    """Only the listed heads apply (a W_Δ of another head is refused, not applied); eps values must
+    be finite and positive; weights must be finite."""
+    from gguf import GGUFReader
+    from gguf import GGUFValueType as T
+    from test_bad_input import rewrite_gguf
+
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["defaults"], outtype="f32")
+    heads = "deltamem.delta_heads"
+    only_o = rewrite_gguf(adapter, tmp_path / "only_o.gguf", drop_keys=(heads,), set_keys={heads: (["o"], T.ARRAY)})
+    with pytest.raises(ValueError, match="dmem_dq.weight' belongs to no targeted layer or head"):
+        pydeltamem.Model(gguf_path, adapter=only_o)
+    for key in ("deltamem.qk_norm_eps", "deltamem.delta_o_rmsnorm_eps"):
+        for value in (float("nan"), float("inf"), 0.0, -1e-6):
+            bad = rewrite_gguf(adapter, tmp_path / "eps.gguf", drop_keys=(key,), set_keys={key: (value, T.FLOAT32)})
+            with pytest.raises(ValueError, match=f"'{key}' = .*expected a small positive number"):
+                pydeltamem.Model(gguf_path, adapter=bad)
+    name = "blk.1.dmem_mk.weight"
+    data = np.array(next(t.data for t in GGUFReader(adapter, "r").tensors if t.name == name))
+    data.flat[3] = np.inf
+    bad = rewrite_gguf(adapter, tmp_path / "inf.gguf", replace_tensors={name: data})
+    with pytest.raises(ValueError, match=f"'{name}' holds NaN or infinite"):
+        pydeltamem.Model(gguf_path, adapter=bad)
+
+
+def test_adapter_info_survives_odd_paths(backbone, tmp_path):
+    """The adapter's path goes into the info JSON escaped: quotes, backslashes, tabs, newlines, non-ASCII."""
+    import shutil
+
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["released"])
+    odd = tmp_path / 'a "quoted"\\back\tslash\nnew é.gguf'
+    shutil.copy(adapter, odd)
+    with pydeltamem.Model(gguf_path, adapter=odd) as m:
+        assert m.adapter["source"] == str(odd)
+        assert m.adapter["delta_heads"] == ["q", "o"]

@@ -5,13 +5,56 @@
 #include "context/context.h"
 #include "model/model.h"
 
+#include <cstdint>
 #include <string>
 
 namespace {
 
+// Length of the valid UTF-8 sequence at s[i] (1 to 4), or 0 when the bytes there are not one
+// (overlong forms and surrogates included: Python's strict decoder refuses them).
+size_t utf8_length(const std::string & s, size_t i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return 0;
+    uint32_t cp = n == 1 ? c : c & (0x3fu >> (n - 1));
+    for (size_t k = 1; k < n; ++k) {
+        const unsigned char b = static_cast<unsigned char>(s[i + k]);
+        if ((b & 0xc0) != 0x80) return 0;
+        cp = (cp << 6) | (b & 0x3fu);
+    }
+    static const uint32_t k_min[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < k_min[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+    return n;
+}
+
+// A JSON string literal: quotes, backslashes and control characters escaped; bytes that are not
+// UTF-8 (a path may hold any) become U+FFFD, so the text always parses.
+std::string json_string(const std::string & text) {
+    std::string out = "\"";
+    for (size_t i = 0; i < text.size();) {
+        const size_t n = utf8_length(text, i);
+        const unsigned char c = static_cast<unsigned char>(text[i]);
+        if (n == 0) {
+            out += "\\ufffd";
+            i += 1;
+            continue;
+        }
+        if (c == '"' || c == '\\') {
+            out += '\\';
+            out += static_cast<char>(c);
+        } else if (c < 0x20) {
+            out += dm::format("\\u%04x", static_cast<unsigned>(c));
+        } else {
+            out.append(text, i, n);
+        }
+        i += n;
+    }
+    return out + "\"";
+}
+
 std::string json_list(const std::vector<std::string> & items) {
     std::string s = "[";
-    for (size_t i = 0; i < items.size(); ++i) s += (i ? ", \"" : "\"") + items[i] + "\"";
+    for (size_t i = 0; i < items.size(); ++i) s += (i ? ", " : "") + json_string(items[i]);
     return s + "]";
 }
 
@@ -41,11 +84,11 @@ std::string adapter_json(const dm_adapter & a) {
     return dm::format(
         "{\"rank\": %d, \"num_state_heads\": %d, \"rankwise_gates\": %s, \"update_mode\": \"%s\", "
         "\"couple_lambda\": %s, \"normalize_qk\": %s, \"write_granularity\": \"%s\", \"delta_heads\": %s, "
-        "\"target_layers\": %s, \"delta_o_rmsnorm\": %s, \"fingerprint\": \"%s\", \"source\": \"%s\"}",
+        "\"target_layers\": %s, \"delta_o_rmsnorm\": %s, \"fingerprint\": %s, \"source\": %s}",
         c.rank, c.n_heads, c.gate_width == c.width() ? "true" : "false", mode_name(c.update_mode),
         c.couple_lambda ? "true" : "false", c.normalize_qk ? "true" : "false", granularity_name(c.granularity),
-        json_list(a.delta_heads).c_str(), layers.c_str(), c.delta_o_rmsnorm ? "true" : "false", a.fingerprint.c_str(),
-        a.source.c_str());
+        json_list(a.delta_heads).c_str(), layers.c_str(), c.delta_o_rmsnorm ? "true" : "false",
+        json_string(a.fingerprint).c_str(), json_string(a.source).c_str());
 }
 
 } // namespace

@@ -10,6 +10,7 @@
 #include <gguf.h>
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 
 using dm::fail;
@@ -37,6 +38,13 @@ dm_write_granularity parse_granularity(const std::string & s) {
     fail("adapter key 'deltamem.write_granularity' = '%s' is not supported (token, message_mean, sentence_mean)", s.c_str());
 }
 
+// An eps divides or bounds a norm: NaN, inf or a value <= 0 would silently poison every correction.
+float require_eps(const gguf_context * g, const char * key) {
+    const double v = dm::gguf_float(g, key).value_or(1e-6);
+    if (!std::isfinite(v) || v <= 0.0 || v > 1.0) fail("adapter key '%s' = %g: expected a small positive number", key, v);
+    return static_cast<float>(v);
+}
+
 dm_dmem_config read_config(const gguf_context * g) {
     dm_dmem_config c;
     c.rank = require_positive(g, "deltamem.rank");
@@ -45,9 +53,9 @@ dm_dmem_config read_config(const gguf_context * g) {
     c.granularity = parse_granularity(dm::gguf_string(g, "deltamem.write_granularity").value_or("token"));
     c.couple_lambda = dm::gguf_bool(g, "deltamem.couple_lambda").value_or(true);
     c.normalize_qk = dm::gguf_bool(g, "deltamem.normalize_qk").value_or(true);
-    c.qk_norm_eps = static_cast<float>(dm::gguf_float(g, "deltamem.qk_norm_eps").value_or(1e-6));
+    c.qk_norm_eps = require_eps(g, "deltamem.qk_norm_eps");
     c.delta_o_rmsnorm = dm::gguf_bool(g, "deltamem.delta_o_rmsnorm").value_or(false);
-    c.delta_o_rmsnorm_eps = static_cast<float>(dm::gguf_float(g, "deltamem.delta_o_rmsnorm_eps").value_or(1e-6));
+    c.delta_o_rmsnorm_eps = require_eps(g, "deltamem.delta_o_rmsnorm_eps");
     const bool rankwise = dm::gguf_bool(g, "deltamem.rankwise_gates").value_or(true);
     c.gate_width = rankwise ? c.width() : c.n_heads;
     if (!dm::gguf_bool(g, "deltamem.scales_folded").value_or(false)) {
@@ -112,12 +120,30 @@ dm_dmem_layer read_layer(ggml_context * ctx, int32_t il, const dm_model & model,
         l.lambda_w = r.get("lambda.weight", {E, G}, true, true);
         l.lambda_b = r.get("lambda.bias", {G}, true, false);
     }
-    l.dq = r.get("dq.weight", {D, hp.n_embd_q()}, has("q"), true);
-    l.dk = r.get("dk.weight", {D, hp.n_embd_kv()}, has("k"), true);
-    l.dv = r.get("dv.weight", {D, hp.n_embd_v_gqa()}, has("v"), true);
-    l.d_o = r.get("do.weight", {D, E}, has("o"), true);
+    // Only the listed heads are read: a correction matrix of another head is left unclaimed (an error).
+    if (has("q")) l.dq = r.get("dq.weight", {D, hp.n_embd_q()}, true, true);
+    if (has("k")) l.dk = r.get("dk.weight", {D, hp.n_embd_kv()}, true, true);
+    if (has("v")) l.dv = r.get("dv.weight", {D, hp.n_embd_v_gqa()}, true, true);
+    if (has("o")) l.d_o = r.get("do.weight", {D, E}, true, true);
     if (c.delta_o_rmsnorm && l.d_o) l.do_norm = r.get("do_norm.weight", {E}, true, false);
     return l;
+}
+
+// The active corrections, in q, k, v, o order; ["none"]: none (a no-op adapter, memory still kept).
+std::vector<std::string> read_delta_heads(const gguf_context * g) {
+    const char * key = "deltamem.delta_heads";
+    const auto listed = dm::gguf_string_array(g, key);
+    if (!listed || listed->empty()) fail("adapter key '%s' is missing or empty (a no-op adapter lists \"none\")", key);
+    if (*listed == std::vector<std::string>{"none"}) return {};
+    std::vector<std::string> heads;
+    for (const char * h : {"q", "k", "v", "o"}) {
+        if (std::find(listed->begin(), listed->end(), h) != listed->end()) heads.emplace_back(h);
+    }
+    for (const std::string & h : *listed) {
+        if (std::find(heads.begin(), heads.end(), h) == heads.end()) fail("adapter key '%s' has unknown head '%s'", key, h.c_str());
+    }
+    if (heads.size() != listed->size()) fail("adapter key '%s' lists a head twice", key);
+    return heads;
 }
 
 std::vector<int32_t> target_layers(const gguf_context * g, int32_t n_layer) {
@@ -135,7 +161,7 @@ std::vector<int32_t> target_layers(const gguf_context * g, int32_t n_layer) {
     return out;
 }
 
-// Appends the rows of a [n_in, rows] matrix (f32 or f16) to dst as f32.
+// Appends the rows of a [n_in, rows] matrix (f32 or f16) to dst as f32; a NaN or inf is an error.
 float * copy_rows_f32(const ggml_tensor * t, float * dst) {
     const int64_t n = ggml_nelements(t);
     if (t->type == GGML_TYPE_F32) {
@@ -144,6 +170,9 @@ float * copy_rows_f32(const ggml_tensor * t, float * dst) {
         std::vector<ggml_fp16_t> tmp(static_cast<size_t>(n));
         ggml_backend_tensor_get(t, tmp.data(), 0, ggml_nbytes(t));
         ggml_fp16_to_fp32_row(tmp.data(), dst, n);
+    }
+    if (!std::all_of(dst, dst + n, [](float v) { return std::isfinite(v); })) {
+        fail("adapter tensor '%s' holds NaN or infinite values", ggml_get_name(t));
     }
     return dst + n;
 }
@@ -242,6 +271,10 @@ void pack_weights(dm_adapter & a, int64_t n_embd) {
         }
         float * bias = copy_rows_f32(l.beta_b, b.data());
         if (l.lambda_b) copy_rows_f32(l.lambda_b, bias);
+        if (l.do_norm) {   // read in place by the graph: copied only to be checked
+            std::vector<float> norm(static_cast<size_t>(n_embd));
+            copy_rows_f32(l.do_norm, norm.data());
+        }
         ggml_backend_tensor_set(l.b_in, b.data(), 0, ggml_nbytes(l.b_in));
         fill_packed(l, w);
     }
@@ -276,10 +309,7 @@ std::unique_ptr<dm_adapter> dm_adapter_load(const dm_model & model, const std::s
     check_backbone(g, model);
     a->cfg = read_config(g);
     a->fingerprint = dm::gguf_require_string(g, "deltamem.fingerprint");
-    a->delta_heads = dm::gguf_string_array(g, "deltamem.delta_heads").value_or(std::vector<std::string>{"q", "o"});
-    for (const std::string & h : a->delta_heads) {
-        if (h != "q" && h != "k" && h != "v" && h != "o") fail("adapter key 'deltamem.delta_heads' has unknown head '%s'", h.c_str());
-    }
+    a->delta_heads = read_delta_heads(g);
 
     std::set<std::string> claimed;
     a->slot_of_layer.assign(model.hp.n_layer, -1);

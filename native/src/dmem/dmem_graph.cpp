@@ -19,11 +19,12 @@ dm_dmem_plan dm_dmem_plan::make(const dm_dmem_config & cfg, const int32_t * ids,
         return p;
     }
     if (cfg.granularity == dm_write_granularity::token || !ids) return p;   // without ids: token writes
-    p.interleaved = false;
     std::map<int32_t, std::vector<int32_t>> members;   // ordered by id: writes go in increasing id order
     for (int32_t t = 0; t < n_tokens; ++t) {
         if (ids[t] >= 0) members[ids[t]].push_back(t);
     }
+    if (members.empty()) return p;   // no id >= 0: token writes, as the official runtime falls back
+    p.interleaved = false;
     for (auto & kv : members) p.items.push_back(std::move(kv.second));
     return p;
 }

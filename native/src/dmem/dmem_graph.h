@@ -20,7 +20,8 @@ struct dm_dmem_plan {
     bool write = true;                             // interleaved only: false = read without writing
     std::vector<std::vector<int32_t>> items;       // read-then-write: token indices averaged into each write
 
-    // Token writes, or one write per segment id >= 0 (in increasing id order) when ids are given.
+    // One write per segment id >= 0 (in increasing id order) for a mean granularity given ids with
+    // some id >= 0; token writes otherwise (no ids, or all -1), as the official runtime does.
     static dm_dmem_plan make(const dm_dmem_config & cfg, const int32_t * ids, int32_t n_tokens, bool write);
 
     // Plans with the same shape build the same graph (only the plan inputs differ).
