@@ -53,36 +53,50 @@ dm_model * dm_model_load(const char * path, dm_model_params params) {
 
 void dm_model_free(dm_model * model) { delete model; }
 
-const char * dm_model_arch(const dm_model * model) { return model->arch_name.c_str(); }
-int32_t dm_model_n_vocab(const dm_model * model) { return model->hp.n_vocab; }
-int32_t dm_model_n_ctx_train(const dm_model * model) { return model->hp.n_ctx_train; }
-int32_t dm_model_n_layer(const dm_model * model) { return model->hp.n_layer; }
-int32_t dm_model_n_embd(const dm_model * model) { return model->hp.n_embd; }
-int32_t dm_model_n_repacked(const dm_model * model) { return model->repacked.n_tensors; }
+static const dm_model & model_of(const dm_model * model) { return dm::deref(model, "model"); }
 
-int32_t dm_model_meta_count(const dm_model * model) { return static_cast<int32_t>(model->meta_keys.size()); }
+const char * dm_model_arch(const dm_model * model) {
+    return dm::guard<const char *>(nullptr, [&] { return model_of(model).arch_name.c_str(); });
+}
 
-static bool meta_index_ok(const dm_model * model, int32_t i) {
-    return i >= 0 && i < dm_model_meta_count(model);
+// The hyper-parameter getters: the value, or -1 for a NULL model.
+template <typename Get>
+static int32_t model_number(const dm_model * model, Get get) {
+    return dm::guard<int32_t>(-1, [&] { return static_cast<int32_t>(get(model_of(model))); });
+}
+
+int32_t dm_model_n_vocab(const dm_model * model) { return model_number(model, [](const dm_model & m) { return m.hp.n_vocab; }); }
+int32_t dm_model_n_ctx_train(const dm_model * model) { return model_number(model, [](const dm_model & m) { return m.hp.n_ctx_train; }); }
+int32_t dm_model_n_layer(const dm_model * model) { return model_number(model, [](const dm_model & m) { return m.hp.n_layer; }); }
+int32_t dm_model_n_embd(const dm_model * model) { return model_number(model, [](const dm_model & m) { return m.hp.n_embd; }); }
+int32_t dm_model_n_repacked(const dm_model * model) { return model_number(model, [](const dm_model & m) { return m.repacked.n_tensors; }); }
+int32_t dm_model_meta_count(const dm_model * model) { return model_number(model, [](const dm_model & m) { return m.meta_keys.size(); }); }
+
+// Metadata entry i of model (its key, type name and rendered value share the index).
+static size_t meta_index(const dm_model * model, int32_t i) {
+    const int32_t n = static_cast<int32_t>(model_of(model).meta_keys.size());
+    if (i < 0 || i >= n) dm::fail("metadata index %d is outside [0, %d)", i, n);
+    return static_cast<size_t>(i);
 }
 
 const char * dm_model_meta_key(const dm_model * model, int32_t i) {
-    return meta_index_ok(model, i) ? model->meta_keys[i].c_str() : nullptr;
+    return dm::guard<const char *>(nullptr, [&] { return model->meta_keys[meta_index(model, i)].c_str(); });
 }
 
 const char * dm_model_meta_type(const dm_model * model, int32_t i) {
-    return meta_index_ok(model, i) ? model->meta_types[i].c_str() : nullptr;
+    return dm::guard<const char *>(nullptr, [&] { return model->meta_types[meta_index(model, i)].c_str(); });
 }
 
 int32_t dm_model_meta_value(const dm_model * model, int32_t i, char * buf, size_t size) {
-    if (!meta_index_ok(model, i)) return -1;
-    const std::string & v = model->meta_values[i];
-    if (buf && size > 0) {
-        const size_t n = std::min(size - 1, v.size());
-        std::memcpy(buf, v.data(), n);
-        buf[n] = '\0';
-    }
-    return static_cast<int32_t>(v.size());
+    return dm::guard<int32_t>(-1, [&] {
+        const std::string & v = model->meta_values[meta_index(model, i)];
+        if (buf && size > 0) {
+            const size_t n = std::min(size - 1, v.size());
+            std::memcpy(buf, v.data(), n);
+            buf[n] = '\0';
+        }
+        return static_cast<int32_t>(v.size());
+    });
 }
 
 dm_context_params dm_context_default_params(void) {
@@ -105,28 +119,85 @@ dm_context * dm_context_new(dm_model * model, dm_context_params params) {
 
 void dm_context_free(dm_context * ctx) { delete ctx; }
 
-int32_t dm_context_n_ctx(const dm_context * ctx) { return ctx->params.n_ctx; }
-int32_t dm_context_n_past(const dm_context * ctx) { return ctx->n_past(); }
-void dm_context_reset(dm_context * ctx) { ctx->truncate(0); }
+static dm_context & context_of(dm_context * ctx) { return dm::deref(ctx, "context"); }
+static const dm_context & context_of(const dm_context * ctx) { return dm::deref(ctx, "context"); }
 
-int32_t dm_decode(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, dm_logits which, float * logits_out) {
+int32_t dm_context_set_abort_callback(dm_context * ctx, dm_abort_callback callback, void * user_data) {
     return dm::guard<int32_t>(-1, [&] {
-        ctx->decode(tokens, n_tokens, which, logits_out);
+        context_of(ctx).set_abort_callback(callback, user_data);
         return 0;
     });
 }
 
-dm_model * dm_context_model(const dm_context * ctx) { return ctx->model; }
+int32_t dm_context_n_ctx(const dm_context * ctx) {
+    return dm::guard<int32_t>(-1, [&] { return context_of(ctx).params.n_ctx; });
+}
+
+int32_t dm_context_n_past(const dm_context * ctx) {
+    return dm::guard<int32_t>(-1, [&] { return context_of(ctx).n_past(); });
+}
+
+void dm_context_reset(dm_context * ctx) {
+    dm::guard<int32_t>(-1, [&] {
+        context_of(ctx).truncate(0);
+        return 0;
+    });
+}
+
+int32_t dm_decode(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, dm_logits which, float * logits_out) {
+    return dm_decode_ext(ctx, tokens, n_tokens, which, logits_out, nullptr, true);
+}
+
+int32_t dm_decode_ext(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, dm_logits which, float * logits_out,
+                      const int32_t * seg_ids, bool write) {
+    return dm::guard<int32_t>(-1, [&] {
+        context_of(ctx).decode(tokens, n_tokens, which, logits_out, seg_ids, write);
+        return 0;
+    });
+}
+
+dm_model * dm_context_model(const dm_context * ctx) {
+    return dm::guard<dm_model *>(nullptr, [&] { return context_of(ctx).model; });
+}
 
 int32_t dm_context_tokens(const dm_context * ctx, dm_token * out, int32_t n_max) {
-    const int32_t n = ctx->n_past();
-    if (out) std::copy_n(ctx->tokens.begin(), std::min(n, std::max(n_max, 0)), out);
-    return n;
+    return dm::guard<int32_t>(-1, [&] {
+        const dm_context & c = context_of(ctx);
+        const int32_t n = c.n_past();
+        if (out) std::copy_n(c.tokens.begin(), std::min(n, std::max(n_max, 0)), out);
+        return n;
+    });
 }
 
 int32_t dm_context_truncate(dm_context * ctx, int32_t n) {
     return dm::guard<int32_t>(-1, [&] {
-        ctx->truncate(n);
+        context_of(ctx).truncate(n);
+        return 0;
+    });
+}
+
+int64_t dm_context_kv_size(const dm_context * ctx) {
+    return dm::guard<int64_t>(-1, [&] { return static_cast<int64_t>(context_of(ctx).kv_bytes()); });
+}
+
+int32_t dm_context_kv_get(const dm_context * ctx, void * out, int64_t size) {
+    return dm::guard<int32_t>(-1, [&] {
+        const dm_context & c = context_of(ctx);
+        const auto need = static_cast<int64_t>(c.kv_bytes());
+        if (size != need) dm::fail("KV state needs %lld bytes, buffer holds %lld", static_cast<long long>(need), static_cast<long long>(size));
+        if (size > 0 && !out) dm::fail("KV state: buffer is NULL");
+        c.kv_get(out);
+        return 0;
+    });
+}
+
+int32_t dm_context_kv_set(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, const void * data, int64_t size) {
+    return dm::guard<int32_t>(-1, [&] {
+        dm_context & c = context_of(ctx);
+        if (size < 0) dm::fail("negative state size");
+        if (n_tokens > 0 && !tokens) dm::fail("state tokens are NULL");
+        if (size > 0 && !data) dm::fail("state KV data is NULL");
+        c.kv_set(tokens, n_tokens, data, static_cast<size_t>(size));
         return 0;
     });
 }
