@@ -89,7 +89,7 @@ class _Request:
             for t in self.prompt_tokens[-_PENALTY_LAST_N:]:
                 sampler.accept(t)   # penalties look at the prompt too, as in llama.cpp
             todo, seg_ids = self.prepare(ctx, self.prompt_tokens)
-            tokens, text, finish = _core.generate(ctx._native.ptr, sampler.ptr, todo, self.max_tokens,
+            tokens, text, finish = _core.generate(ctx._native, sampler, todo, self.max_tokens,
                                                   self.stop, self.stop_tokens, on_piece, seg_ids)
         return list(tokens), text.decode("utf-8", errors="replace"), finish
 

@@ -152,25 +152,25 @@ class Model:
         """Token ids of text. add_special adds BOS/EOS as the GGUF asks; parse_special turns the
         text of control tokens (e.g. "<|im_start|>") into those tokens instead of plain text."""
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return list(_core.tokenize(self._native.ptr, data, add_special, parse_special))
+        return list(_core.tokenize(self._native, data, add_special, parse_special))
 
     def detokenize(self, ids: Iterable[int] | np.ndarray, special: bool = False) -> str:
         """Text of token ids; control tokens render as their text only when special is true."""
-        data = _core.detokenize(self._native.ptr, _token_list(ids), special)
+        data = _core.detokenize(self._native, _token_list(ids), special)
         return data.decode("utf-8", errors="replace")
 
     @property
     def token_bos(self) -> int | None:
-        return _optional_token(_core.token_bos(self._native.ptr))
+        return _optional_token(_core.token_bos(self._native))
 
     @property
     def token_eos(self) -> int | None:
-        return _optional_token(_core.token_eos(self._native.ptr))
+        return _optional_token(_core.token_eos(self._native))
 
     @property
     def token_eot(self) -> int | None:
         """End-of-turn token (e.g. <|im_end|>), None when the model has none."""
-        return _optional_token(_core.token_eot(self._native.ptr))
+        return _optional_token(_core.token_eot(self._native))
 
     # ---- text generation (pydeltamem/completion.py) ----
     def create_completion(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 16,
