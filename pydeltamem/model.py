@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -23,6 +24,30 @@ def _kv_type_code(kv_type: str) -> int:
         return _KV_TYPES[kv_type]
     except KeyError:
         raise ValueError(f"kv_type must be one of {sorted(_KV_TYPES)}, got {kv_type!r}") from None
+
+
+def _hardware_threads() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def _native_n_threads(n_threads: int | None, *, warn: bool = False) -> int:
+    """n_threads for the native context (0: the physical cores, for None); ValueError outside
+    [1, MAX_THREADS], and with warn, a RuntimeWarning above the hardware threads: each pass waits
+    for every worker, so oversubscribed cores make decoding many times slower."""
+    if n_threads is None:
+        return 0
+    if not isinstance(n_threads, int) or isinstance(n_threads, bool):
+        raise ValueError(f"n_threads must be an int or None, got {n_threads!r}")
+    if not 1 <= n_threads <= _core.MAX_THREADS:
+        raise ValueError(f"n_threads must be in [1, {_core.MAX_THREADS}] (or None: the physical cores), got {n_threads}")
+    if warn and n_threads > _hardware_threads():
+        warnings.warn(f"n_threads={n_threads} is more than the {_hardware_threads()} hardware threads this process "
+                      "may use: decoding will be much slower", RuntimeWarning, stacklevel=4)
+    return n_threads
 
 
 def _metadata_value(type_name: str, raw: bytes) -> Any:
@@ -57,6 +82,7 @@ class Model:
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError(f"n_ctx and n_batch must be positive (got n_ctx={n_ctx}, n_batch={n_batch})")
         _kv_type_code(kv_type)
+        _native_n_threads(n_threads)
         self.model_path = path
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -151,7 +177,12 @@ class Model:
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of text. add_special adds BOS/EOS as the GGUF asks; parse_special turns the
         text of control tokens (e.g. "<|im_start|>") into those tokens instead of plain text."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        if isinstance(text, str):
+            data = text.encode("utf-8")
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            data = bytes(text)
+        else:   # bytes(5) would be five NUL bytes
+            raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
         return list(_core.tokenize(self._native, data, add_special, parse_special))
 
     def detokenize(self, ids: Iterable[int] | np.ndarray, special: bool = False) -> str:
@@ -239,8 +270,8 @@ class Context:
             raise ValueError(f"n_ctx and n_batch must be positive (got n_ctx={n_ctx}, n_batch={n_batch})")
         self.model = model
         self.kv_type = kv_type
-        self._native = _core.Context(model._native, n_ctx, n_batch, n_threads or 0, _kv_type_code(kv_type),
-                                     dmem_fused, poll)
+        self._native = _core.Context(model._native, n_ctx, n_batch, _native_n_threads(n_threads, warn=True),
+                                     _kv_type_code(kv_type), dmem_fused, poll)
 
     def close(self) -> None:
         self._native.close()
@@ -290,12 +321,14 @@ class Context:
         return None if logits == "none" else out
 
     def _segment_ids(self, n: int, message_ids, sentence_ids) -> list[int] | None:
-        for name, ids in (("message_ids", message_ids), ("sentence_ids", sentence_ids)):
-            if ids is not None and len(ids) != n:
-                raise ValueError(f"{name} has {len(ids)} entries for {n} tokens")
+        given = {"message_ids": message_ids, "sentence_ids": sentence_ids}
+        for name, ids in given.items():
+            if ids is not None:
+                given[name] = _int32_list(ids, name)
+                if len(given[name]) != n:
+                    raise ValueError(f"{name} has {len(given[name])} entries for {n} tokens")
         granularity = (self.model._adapter or {}).get("write_granularity")
-        chosen = {"message_mean": message_ids, "sentence_mean": sentence_ids}.get(granularity)
-        return None if chosen is None else [int(i) for i in chosen]
+        return given.get({"message_mean": "message_ids", "sentence_mean": "sentence_ids"}.get(granularity, ""))
 
     # ---- δ-mem memory ----
     def _require_adapter(self) -> dict[str, Any]:
@@ -370,7 +403,8 @@ class Context:
 
     def _load_state_bytes(self, data: bytes, path: str) -> None:
         header, payload = _memfile.unpack_bytes(data, _memfile.STATE_MAGIC, "state", path)
-        n, kv_bytes = int(header.get("n_tokens", -1)), int(header.get("kv_bytes", -1))
+        n = _memfile.field(header, "n_tokens", int, path)
+        kv_bytes = _memfile.field(header, "kv_bytes", int, path)
         expected = self._state_header(n, kv_bytes)
         for key in ("arch", "n_layer", "n_embd", "n_vocab", "kv_type", "adapter"):
             if header.get(key) != expected[key]:
@@ -380,6 +414,10 @@ class Context:
             raise ValueError(f"{path!r} is truncated or corrupted")
         tokens = np.frombuffer(payload[:4 * n], dtype="<i4").tolist()
         kv = bytes(payload[4 * n:4 * n + kv_bytes])
+        kv_dtype = "<f2" if self.kv_type == "f16" else "<f4"
+        if kv_bytes % np.dtype(kv_dtype).itemsize:
+            raise ValueError(f"{path!r} is truncated or corrupted")
+        _memfile.check_finite(np.frombuffer(kv, dtype=kv_dtype), path, "the KV cache")
         mem_bytes = payload[4 * n + kv_bytes:]
         mem = None
         if self.model._adapter is not None:
@@ -395,15 +433,20 @@ def _optional_token(token: int) -> int | None:
     return None if token < 0 else token
 
 
+def _int32_list(values: Iterable[int] | np.ndarray, name: str) -> list[int]:
+    """values as a list of ints that fit the native int32; ValueError naming the argument otherwise."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"{name} must be a 1-D array of integers")
+        values = values.tolist()
+    out = list(values)
+    for v in out:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise ValueError(f"{name} must be integers, got {v!r}")
+        if not -(2**31) <= int(v) < 2**31:
+            raise ValueError(f"{name}: {v} is out of range (a 32-bit int)")
+    return [int(v) for v in out]
+
+
 def _token_list(tokens: Iterable[int] | np.ndarray) -> list[int]:
-    if isinstance(tokens, np.ndarray):
-        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError("tokens must be a 1-D array of integers")
-        tokens = tokens.tolist()
-    ids = list(tokens)
-    for t in ids:
-        if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
-            raise ValueError(f"token ids must be integers, got {t!r}")
-        if not -(2**31) <= int(t) < 2**31:
-            raise ValueError(f"token id {t} is out of range")
-    return [int(t) for t in ids]
+    return _int32_list(tokens, "token ids")
