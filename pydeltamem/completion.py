@@ -74,8 +74,11 @@ class _Request:
                              f"(n_ctx = {ctx.n_ctx})")
         self.model = model
         self.prompt_tokens = prompt_tokens
-        # None or <= 0: until an end token or a full context (the C++ loop stops there).
-        self.max_tokens = max_tokens if max_tokens is not None and max_tokens > 0 else ctx.n_ctx
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
+            raise ValueError(f"max_tokens must be an int or None, got {max_tokens!r}")
+        # None or <= 0: until an end token or a full context (the C++ loop stops there, so no more
+        # than n_ctx tokens are ever generated).
+        self.max_tokens = min(max_tokens, ctx.n_ctx) if max_tokens is not None and max_tokens > 0 else ctx.n_ctx
         self.stop = _stop_list(stop)
         self.stop_tokens = [t for t in stop_tokens if t is not None and t >= 0]
         self.sampler_args = sampler_args
@@ -89,7 +92,7 @@ class _Request:
             for t in self.prompt_tokens[-_PENALTY_LAST_N:]:
                 sampler.accept(t)   # penalties look at the prompt too, as in llama.cpp
             todo, seg_ids = self.prepare(ctx, self.prompt_tokens)
-            tokens, text, finish = _core.generate(ctx._native.ptr, sampler.ptr, todo, self.max_tokens,
+            tokens, text, finish = _core.generate(ctx._native, sampler, todo, self.max_tokens,
                                                   self.stop, self.stop_tokens, on_piece, seg_ids)
         return list(tokens), text.decode("utf-8", errors="replace"), finish
 

@@ -26,6 +26,30 @@ def _kv_type_code(kv_type: str) -> int:
         raise ValueError(f"kv_type must be one of {sorted(_KV_TYPES)}, got {kv_type!r}") from None
 
 
+def _hardware_threads() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def _native_n_threads(n_threads: int | None, *, warn: bool = False) -> int:
+    """n_threads for the native context (0: the physical cores, for None); ValueError outside
+    [1, MAX_THREADS], and with warn, a RuntimeWarning above the hardware threads: each pass waits
+    for every worker, so oversubscribed cores make decoding many times slower."""
+    if n_threads is None:
+        return 0
+    if not isinstance(n_threads, int) or isinstance(n_threads, bool):
+        raise ValueError(f"n_threads must be an int or None, got {n_threads!r}")
+    if not 1 <= n_threads <= _core.MAX_THREADS:
+        raise ValueError(f"n_threads must be in [1, {_core.MAX_THREADS}] (or None: the physical cores), got {n_threads}")
+    if warn and n_threads > _hardware_threads():
+        warnings.warn(f"n_threads={n_threads} is more than the {_hardware_threads()} hardware threads this process "
+                      "may use: decoding will be much slower", RuntimeWarning, stacklevel=4)
+    return n_threads
+
+
 def _metadata_value(type_name: str, raw: bytes) -> Any:
     text = raw.decode("utf-8", errors="replace")
     if type_name == "str":
@@ -58,6 +82,7 @@ class Model:
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError(f"n_ctx and n_batch must be positive (got n_ctx={n_ctx}, n_batch={n_batch})")
         _kv_type_code(kv_type)
+        _native_n_threads(n_threads)
         self.model_path = path
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -155,26 +180,31 @@ class Model:
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of text. add_special adds BOS/EOS as the GGUF asks; parse_special turns the
         text of control tokens (e.g. "<|im_start|>") into those tokens instead of plain text."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return list(_core.tokenize(self._native.ptr, data, add_special, parse_special))
+        if isinstance(text, str):
+            data = text.encode("utf-8")
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            data = bytes(text)
+        else:   # bytes(5) would be five NUL bytes
+            raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
+        return list(_core.tokenize(self._native, data, add_special, parse_special))
 
     def detokenize(self, ids: Iterable[int] | np.ndarray, special: bool = False) -> str:
         """Text of token ids; control tokens render as their text only when special is true."""
-        data = _core.detokenize(self._native.ptr, _token_list(ids), special)
+        data = _core.detokenize(self._native, _token_list(ids), special)
         return data.decode("utf-8", errors="replace")
 
     @property
     def token_bos(self) -> int | None:
-        return _optional_token(_core.token_bos(self._native.ptr))
+        return _optional_token(_core.token_bos(self._native))
 
     @property
     def token_eos(self) -> int | None:
-        return _optional_token(_core.token_eos(self._native.ptr))
+        return _optional_token(_core.token_eos(self._native))
 
     @property
     def token_eot(self) -> int | None:
         """End-of-turn token (e.g. <|im_end|>), None when the model has none."""
-        return _optional_token(_core.token_eot(self._native.ptr))
+        return _optional_token(_core.token_eot(self._native))
 
     # ---- text generation (pydeltamem/completion.py) ----
     def create_completion(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 16,
@@ -252,8 +282,8 @@ class Context:
             raise ValueError(f"n_ctx and n_batch must be positive (got n_ctx={n_ctx}, n_batch={n_batch})")
         self.model = model
         self.kv_type = kv_type
-        self._native = _core.Context(model._native, n_ctx, n_batch, n_threads or 0, _kv_type_code(kv_type),
-                                     dmem_fused, poll)
+        self._native = _core.Context(model._native, n_ctx, n_batch, _native_n_threads(n_threads, warn=True),
+                                     _kv_type_code(kv_type), dmem_fused, poll)
 
     def close(self) -> None:
         self._native.close()
@@ -307,6 +337,10 @@ class Context:
         them: message_mean reads message_ids; sentence_mean needs both, a token writing only when
         both of its ids are >= 0. None (token writes): no such ids; the engine also writes per
         token when no id is >= 0."""
+        if message_ids is not None:
+            message_ids = _int32_list(message_ids, "message_ids")
+        if sentence_ids is not None:
+            sentence_ids = _int32_list(sentence_ids, "sentence_ids")
         for name, ids in (("message_ids", message_ids), ("sentence_ids", sentence_ids)):
             if ids is not None and len(ids) != n:
                 raise ValueError(f"{name} has {len(ids)} entries for {n} tokens")
@@ -314,10 +348,10 @@ class Context:
         if granularity not in ("message_mean", "sentence_mean") or message_ids is None:
             return None
         if granularity == "message_mean":
-            return [int(i) for i in message_ids]
+            return message_ids
         if sentence_ids is None:
             return None
-        return [int(s) if int(m) >= 0 else -1 for m, s in zip(message_ids, sentence_ids)]
+        return [s if m >= 0 else -1 for m, s in zip(message_ids, sentence_ids)]
 
     # ---- δ-mem memory ----
     def _require_adapter(self) -> dict[str, Any]:
@@ -392,7 +426,8 @@ class Context:
 
     def _load_state_bytes(self, data: bytes, path: str) -> None:
         header, payload = _memfile.unpack_bytes(data, _memfile.STATE_MAGIC, "state", path)
-        n, kv_bytes = int(header.get("n_tokens", -1)), int(header.get("kv_bytes", -1))
+        n = _memfile.field(header, "n_tokens", int, path)
+        kv_bytes = _memfile.field(header, "kv_bytes", int, path)
         expected = self._state_header(n, kv_bytes)
         for key in ("arch", "n_layer", "n_embd", "n_vocab", "kv_type", "adapter"):
             if header.get(key) != expected[key]:
@@ -402,6 +437,10 @@ class Context:
             raise ValueError(f"{path!r} is truncated or corrupted")
         tokens = np.frombuffer(payload[:4 * n], dtype="<i4").tolist()
         kv = bytes(payload[4 * n:4 * n + kv_bytes])
+        kv_dtype = "<f2" if self.kv_type == "f16" else "<f4"
+        if kv_bytes % np.dtype(kv_dtype).itemsize:
+            raise ValueError(f"{path!r} is truncated or corrupted")
+        _memfile.check_finite(np.frombuffer(kv, dtype=kv_dtype), path, "the KV cache")
         mem_bytes = payload[4 * n + kv_bytes:]
         mem = None
         if self.model._adapter is not None:
@@ -417,15 +456,20 @@ def _optional_token(token: int) -> int | None:
     return None if token < 0 else token
 
 
+def _int32_list(values: Iterable[int] | np.ndarray, name: str) -> list[int]:
+    """values as a list of ints that fit the native int32; ValueError naming the argument otherwise."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"{name} must be a 1-D array of integers")
+        values = values.tolist()
+    out = list(values)
+    for v in out:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise ValueError(f"{name} must be integers, got {v!r}")
+        if not -(2**31) <= int(v) < 2**31:
+            raise ValueError(f"{name}: {v} is out of range (a 32-bit int)")
+    return [int(v) for v in out]
+
+
 def _token_list(tokens: Iterable[int] | np.ndarray) -> list[int]:
-    if isinstance(tokens, np.ndarray):
-        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError("tokens must be a 1-D array of integers")
-        tokens = tokens.tolist()
-    ids = list(tokens)
-    for t in ids:
-        if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
-            raise ValueError(f"token ids must be integers, got {t!r}")
-        if not -(2**31) <= int(t) < 2**31:
-            raise ValueError(f"token id {t} is out of range")
-    return [int(t) for t in ids]
+    return _int32_list(tokens, "token ids")

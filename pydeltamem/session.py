@@ -47,6 +47,15 @@ class _Message:
                 "sentence_ids": self.sentence_ids}
 
 
+def _message_from_json(m: Any, path: str) -> _Message:
+    """A saved message; ValueError naming the file when it is not one."""
+    if not isinstance(m, dict) or set(m) != {"role", "content", "message_id", "tokens", "sentence_ids"}:
+        raise ValueError(f"{path!r} has a corrupted header: a message is {m!r}")
+    return _Message(_memfile.field(m, "role", str, path), _memfile.field(m, "content", str, path),
+                    _memfile.field(m, "message_id", int, path), _memfile.int_list(m, "tokens", path),
+                    _memfile.int_list(m, "sentence_ids", path))
+
+
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """[start, end) character spans of the sentences of text; whitespace after an end stays with it."""
     spans, start = [], 0
@@ -225,20 +234,25 @@ class ChatSession:
         adapter = model.adapter
         if header.get("adapter") != (None if adapter is None else adapter["fingerprint"]):
             raise ValueError(f"{path!r} is a session of another adapter (fingerprint {header.get('adapter')!r})")
-        if header.get("model", {}).get("n_vocab") != model.n_vocab or header.get("model", {}).get("arch") != model.arch:
-            raise ValueError(f"{path!r} is a session of another model ({header.get('model')})")
+        saved_model = _memfile.field(header, "model", dict, path)
+        if saved_model.get("n_vocab") != model.n_vocab or saved_model.get("arch") != model.arch:
+            raise ValueError(f"{path!r} is a session of another model ({saved_model})")
+        messages = [_message_from_json(m, path) for m in _memfile.field(header, "messages", list, path)]
+        next_ids = [_memfile.field(header, key, int, path) for key in ("next_message_id", "next_sentence_id")]
+        n_mem = _memfile.field(header, "memory_bytes", int, path, default=0)
+        state_bytes = _memfile.field(header, "state_bytes", int, path) if header.get("include_state") else None
+        written = _memfile.field(header, "written", int, path)
+        memory_only = _memfile.field(header, "memory_only", bool, path)
         session = cls(model, **ctx_kwargs)
-        session._history = [_Message(**m) for m in header["messages"]]
-        session._next_message_id = int(header["next_message_id"])
-        session._next_sentence_id = int(header["next_sentence_id"])
-        n_mem = int(header.get("memory_bytes", 0))
+        session._history = messages
+        session._next_message_id, session._next_sentence_id = next_ids
         if adapter is not None:
             session.ctx.memory = _memfile.floats(payload[:n_mem], int(np.prod(session.ctx.memory_shape)), path,
                                                  "memory").reshape(session.ctx.memory_shape)
-        if header.get("include_state"):
-            session.ctx._load_state_bytes(bytes(payload[n_mem:n_mem + int(header["state_bytes"])]), path)
-        session._written = int(header["written"])
-        session._memory_only = bool(header["memory_only"]) or adapter is not None
+        if state_bytes is not None:
+            session.ctx._load_state_bytes(bytes(payload[n_mem:n_mem + state_bytes]), path)
+        session._written = written
+        session._memory_only = memory_only or adapter is not None
         return session
 
     # ---- tokens and ids ----

@@ -75,8 +75,8 @@ def test_same_seed_same_text_when_sampling(model):
 def _greedy_pieces(model, n):
     """Text of each of the first n greedily generated tokens (straight from the C++ loop)."""
     ctx = model.context(n_ctx=64)
-    greedy = _core.Sampler(temperature=0)   # must outlive the call: generate borrows its pointer
-    tokens, text, _ = _core.generate(ctx._native.ptr, greedy.ptr, model.tokenize(PROMPT), n, [], [])
+    greedy = _core.Sampler(temperature=0)
+    tokens, text, _ = _core.generate(ctx._native, greedy, model.tokenize(PROMPT), n, [], [])
     ctx.close()
     pieces = [model.detokenize([t]) for t in tokens]
     assert "".join(pieces) == text.decode()
@@ -147,7 +147,7 @@ def test_errors_in_the_piece_callback_propagate(model):
         raise KeyError("from the callback")
 
     with pytest.raises(KeyError, match="from the callback"):
-        _core.generate(ctx._native.ptr, sampler.ptr, model.tokenize(PROMPT), 8, [], [], explode)
+        _core.generate(ctx._native, sampler, model.tokenize(PROMPT), 8, [], [], explode)
 
 
 def test_abandoned_stream_stops_and_frees_the_model(model):

@@ -71,12 +71,16 @@ def far_from(values, threshold, margin=1e-4):
 
 # ---- construction and API surface -----------------------------------------------------------------
 
-def test_defaults_and_ptr():
+def test_defaults_and_close():
     s = _core.Sampler()
-    assert isinstance(s.ptr, int) and s.ptr != 0
-    assert _core.Sampler().ptr != s.ptr
     token = s.sample(np.array([0.0, 5.0, 1.0], dtype=np.float32))
     assert 0 <= token < 3
+    assert not s.closed
+    s.close()
+    s.close()   # closing twice is fine
+    assert s.closed
+    with pytest.raises(ValueError, match="the sampler is closed"):
+        s.sample(np.array([0.0, 5.0, 1.0], dtype=np.float32))
 
 
 def test_accepts_float64_and_strided_input():

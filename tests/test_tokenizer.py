@@ -244,8 +244,7 @@ def assert_parity(model: Model, hf, strings: list[str], modes=(False, True)) -> 
 def unspellable_bytes(model: Model) -> set[int]:
     """Bytes without a token of their own: BPE drops them (as HF does when there is no unk token).
     SmolLM2 lacks a few control characters (e.g. 0x1D) besides bytes that UTF-8 never uses."""
-    ptr = model._native.ptr
-    return {b for b in range(256) if not _core.tokenize(ptr, bytes([b]), False, False)}
+    return {b for b in range(256) if not _core.tokenize(model._native, bytes([b]), False, False)}
 
 
 def assert_round_trip(model: Model, strings: list[str], normalize: bool) -> None:
@@ -302,7 +301,7 @@ def test_smollm2_detokenize_matches_hf_decode(smollm2):
 def test_smollm2_special_tokens(smollm2):
     model, _ = smollm2
     assert (model.token_bos, model.token_eos, model.token_eot) == (1, 2, 2)
-    ptr = model._native.ptr
+    ptr = model._native
     assert _core.token_is_eog(ptr, 2) and _core.token_is_eog(ptr, 0)   # <|im_end|>, <|endoftext|>
     assert not _core.token_is_eog(ptr, 1) and not _core.token_is_eog(ptr, 100)
     assert _core.token_is_control(ptr, 1) and not _core.token_is_control(ptr, 100)
@@ -356,7 +355,7 @@ def test_qwen_special_and_added_tokens(qwen):
     assert model.tokenize("<think>") == [151667]
     assert model.detokenize([151667, 151644]) == "<think>"
     assert model.detokenize([151667, 151644], special=True) == "<think><|im_start|>"
-    ptr = model._native.ptr
+    ptr = model._native
     assert _core.token_is_eog(ptr, 151643) and _core.token_is_eog(ptr, 151645)
     assert _core.token_to_piece(ptr, 151900, True) == b""   # [PADn] filler: unused
 
@@ -414,14 +413,16 @@ def test_model_without_tokenizer_loads_but_cannot_tokenize(qwen_contents, tmp_pa
 
 def test_bad_token_ids_raise(smollm2):
     model, _ = smollm2
-    ptr = model._native.ptr
+    ptr = model._native
     for bad in (-1, 49152, 2**31 - 1):
         with pytest.raises(ValueError, match="out of range"):
             _core.token_to_piece(ptr, bad, False)
         with pytest.raises(ValueError, match="out of range"):
             model.detokenize([5, bad])
-    with pytest.raises(ValueError, match="NULL"):
-        _core.tokenize(0, b"x", False, False)
+    closed = Model(smollm2_gguf_path())
+    closed.close()
+    with pytest.raises(ValueError, match="closed"):
+        _core.tokenize(closed._native, b"x", False, False)
 
 
 # ----------------------------------------------------------------------------- bytes and streaming
@@ -430,7 +431,7 @@ def test_invalid_utf8_survives_a_round_trip(smollm2, qwen):
     samples = [b"\xff\xfe abc", b"caf\xc3", b"\xc3\x28", b"\xe2\x82 euro", b"\xed\xa0\x80 surrogate",
                b"\xf4\x90\x80\x80 too big", b"\xc0\xaf overlong", bytes(range(256))]
     for model, _ in (smollm2, qwen):
-        ptr = model._native.ptr
+        ptr = model._native
         missing = unspellable_bytes(model)
         for data in samples:
             data = bytes(b for b in data if b not in missing)
@@ -470,7 +471,7 @@ def test_stream_decoder_over_generated_pieces(qwen):
     model, _ = qwen
     text = "Emoji \U0001f468\u200d\U0001f469\u200d\U0001f467 and \u4e2d\u6587 and caf\u00e9."
     decoder = _core.StreamDecoder()
-    ptr = model._native.ptr
+    ptr = model._native
     pieces = [decoder.feed(_core.token_to_piece(ptr, t, False)) for t in model.tokenize(text)]
     assert "".join(pieces) + decoder.flush() == text
 

@@ -1,6 +1,7 @@
 // Bindings for the C++ generation loop: one call per completion; Python runs only in the
-// optional per-piece callback (streaming).
-#include "bindings/bindings.h"
+// optional per-piece callback (streaming). The call holds exclusive uses of its context and sampler
+// (bindings/handles.h): they stay alive, and no other call touches them, until it returns.
+#include "bindings/handles.h"
 
 #include <pybind11/functional.h>
 #include <pybind11/stl.h>
@@ -34,16 +35,18 @@ bool forward_piece(const char * text, size_t len, void * user_data) {
     }
 }
 
-py::tuple generate(intptr_t ctx_ptr, intptr_t sampler_ptr, const std::vector<dm_token> & prompt, int32_t max_tokens,
-                   const std::vector<std::string> & stop, const std::vector<dm_token> & stop_tokens, py::object on_piece,
+py::tuple generate(ContextHandle & ctx, SamplerHandle & sampler, const std::vector<dm_token> & prompt,
+                   const py::handle & max_tokens, const std::vector<std::string> & stop,
+                   const std::vector<dm_token> & stop_tokens, py::object on_piece,
                    const std::optional<std::vector<int32_t>> & seg_ids) {
     if (seg_ids && seg_ids->size() != prompt.size()) throw py::value_error("seg_ids must have one id per prompt token");
     std::vector<const char *> stop_c;
     for (const std::string & s : stop) stop_c.push_back(s.c_str());
-    dm_generate_params params{max_tokens, stop_c.data(), static_cast<int32_t>(stop_c.size()), stop_tokens.data(),
-                              static_cast<int32_t>(stop_tokens.size())};
-    std::unique_ptr<dm_generator, generator_deleter> gen(
-        dm_generator_new(reinterpret_cast<dm_context *>(ctx_ptr), reinterpret_cast<dm_sampler *>(sampler_ptr), params));
+    dm_generate_params params{int32_arg(max_tokens, "max_tokens"), stop_c.data(), static_cast<int32_t>(stop_c.size()),
+                              stop_tokens.data(), static_cast<int32_t>(stop_tokens.size())};
+    ContextHandle::use ctx_use(ctx);
+    SamplerHandle::use sampler_use(sampler);
+    std::unique_ptr<dm_generator, generator_deleter> gen(dm_generator_new(ctx_use.object, sampler_use.object, params));
     check(gen != nullptr);
 
     callback_state st{on_piece, std::nullopt};
@@ -54,7 +57,7 @@ py::tuple generate(intptr_t ctx_ptr, intptr_t sampler_ptr, const std::vector<dm_
                               seg_ids ? seg_ids->data() : nullptr, on_piece.is_none() ? nullptr : &forward_piece, &st);
     }
     if (st.error) throw std::move(*st.error);
-    check(rc == 0);
+    ctx.check(rc == 0);
 
     int32_t n = 0;
     const dm_token * toks = dm_generator_tokens(gen.get(), &n);
@@ -67,7 +70,7 @@ py::tuple generate(intptr_t ctx_ptr, intptr_t sampler_ptr, const std::vector<dm_
 } // namespace
 
 void bind_generate(py::module_ & m) {
-    m.def("generate", &generate, py::arg("ctx_ptr"), py::arg("sampler_ptr"), py::arg("prompt"), py::arg("max_tokens"),
+    m.def("generate", &generate, py::arg("ctx"), py::arg("sampler"), py::arg("prompt"), py::arg("max_tokens"),
           py::arg("stop"), py::arg("stop_tokens"), py::arg("on_piece") = py::none(),
           py::arg("seg_ids") = py::none(),
           "Decodes prompt, then samples up to max_tokens tokens in C++. on_piece(bytes) -> bool|None is "

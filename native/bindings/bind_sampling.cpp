@@ -1,5 +1,5 @@
 // Python binding of the sampler chain (deltamem.h, sampling section).
-#include "bindings/bindings.h"
+#include "bindings/handles.h"
 
 #include <pybind11/numpy.h>
 
@@ -12,22 +12,6 @@
 namespace {
 
 using float_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-
-// Owns one dm_sampler; the generation loop binding borrows it through .ptr.
-class Sampler {
-  public:
-    explicit Sampler(const dm_sampler_params & params) : s_(dm_sampler_new(params)) {
-        check(s_ != nullptr);
-    }
-    ~Sampler() { dm_sampler_free(s_); }
-    Sampler(const Sampler &) = delete;
-    Sampler & operator=(const Sampler &) = delete;
-
-    dm_sampler * get() const { return s_; }
-
-  private:
-    dm_sampler * s_;
-};
 
 // Python's seed convention: None or -1 ask for a random seed, like llama-cpp-python.
 uint32_t seed_from_python(const py::object & seed) {
@@ -48,7 +32,7 @@ uint32_t seed_from_python(const py::object & seed) {
 }
 
 // Accepts {token: bias} with int keys or, as in OpenAI requests, keys that are numeric strings.
-void set_logit_bias(Sampler & self, const py::object & logit_bias) {
+void set_logit_bias(SamplerHandle & self, const py::object & logit_bias) {
     std::vector<dm_token> tokens;
     std::vector<float>    biases;
     if (!logit_bias.is_none()) {
@@ -65,8 +49,8 @@ void set_logit_bias(Sampler & self, const py::object & logit_bias) {
             biases.push_back(item.second.cast<float>());
         }
     }
-    check(dm_sampler_set_logit_bias(self.get(), tokens.data(), biases.data(),
-                                    static_cast<int32_t>(tokens.size())) == 0);
+    SamplerHandle::use u(self);
+    check(dm_sampler_set_logit_bias(u.object, tokens.data(), biases.data(), static_cast<int32_t>(tokens.size())) == 0);
 }
 
 int32_t vocab_size_of(const float_array & logits) {
@@ -82,24 +66,26 @@ int32_t vocab_size_of(const float_array & logits) {
 } // namespace
 
 void bind_sampling(py::module_ & m) {
-    py::class_<Sampler>(m, "Sampler",
+    py::class_<SamplerHandle>(m, "Sampler",
         "Sampler chain: logit bias -> penalties -> top-k -> typical-p -> top-p -> min-p -> "
         "temperature -> draw. temperature <= 0 is greedy.")
-        .def(py::init([](float temperature, int32_t top_k, float top_p, float min_p, float typical_p,
+        .def(py::init([](float temperature, const py::handle & top_k, float top_p, float min_p, float typical_p,
                          float repeat_penalty, float frequency_penalty, float presence_penalty,
-                         int32_t penalty_last_n, const py::object & seed, const py::object & logit_bias) {
+                         const py::handle & penalty_last_n, const py::object & seed, const py::object & logit_bias) {
                  dm_sampler_params p = dm_sampler_default_params();
                  p.temperature       = temperature;
-                 p.top_k             = top_k;
+                 p.top_k             = int32_arg(top_k, "top_k");
                  p.top_p             = top_p;
                  p.min_p             = min_p;
                  p.typical_p         = typical_p;
                  p.repeat_penalty    = repeat_penalty;
                  p.frequency_penalty = frequency_penalty;
                  p.presence_penalty  = presence_penalty;
-                 p.penalty_last_n    = penalty_last_n;
+                 p.penalty_last_n    = int32_arg(penalty_last_n, "penalty_last_n");
                  p.seed              = seed_from_python(seed);
-                 auto self = std::make_unique<Sampler>(p);
+                 dm_sampler * sampler = dm_sampler_new(p);
+                 check(sampler != nullptr);
+                 auto self = std::make_unique<SamplerHandle>(sampler);
                  set_logit_bias(*self, logit_bias);
                  return self;
              }),
@@ -109,29 +95,39 @@ void bind_sampling(py::module_ & m) {
              py::arg("penalty_last_n") = 64, py::arg("seed") = py::none(),
              py::arg("logit_bias") = py::none())
         .def("sample",
-             [](Sampler & self, const float_array & logits) {
+             [](SamplerHandle & self, const float_array & logits) {
                  const int32_t n_vocab = vocab_size_of(logits);
-                 const dm_token token = dm_sampler_sample(self.get(), logits.data(), n_vocab);
+                 SamplerHandle::use u(self);
+                 const dm_token token = dm_sampler_sample(u.object, logits.data(), n_vocab);
                  check(token >= 0);
                  return token;
              },
              py::arg("logits"), "Runs the chain on a 1-D float32 logits row, draws a token and accepts it.")
         .def("probs",
-             [](Sampler & self, const float_array & logits) {
+             [](SamplerHandle & self, const float_array & logits) {
                  const int32_t n_vocab = vocab_size_of(logits);
                  float_array probs(static_cast<py::ssize_t>(n_vocab));
-                 check(dm_sampler_probs(self.get(), logits.data(), n_vocab, probs.mutable_data()) == 0);
+                 SamplerHandle::use u(self);
+                 check(dm_sampler_probs(u.object, logits.data(), n_vocab, probs.mutable_data()) == 0);
                  return probs;
              },
              py::arg("logits"),
              "Probabilities each token would be drawn with (0 for filtered tokens); accepts nothing.")
-        .def("accept", [](Sampler & self, dm_token token) { dm_sampler_accept(self.get(), token); },
+        .def("accept",
+             [](SamplerHandle & self, const py::handle & token) {
+                 const dm_token id = int32_arg(token, "token");
+                 SamplerHandle::use u(self);
+                 dm_sampler_accept(u.object, id);
+             },
              py::arg("token"), "Adds a token (e.g. from the prompt) to the penalty history.")
-        .def("reset", [](Sampler & self) { dm_sampler_reset(self.get()); },
+        .def("reset",
+             [](SamplerHandle & self) {
+                 SamplerHandle::use u(self);
+                 dm_sampler_reset(u.object);
+             },
              "Clears the penalty history; keeps params, biases and the RNG state.")
         .def("set_logit_bias", &set_logit_bias, py::arg("logit_bias"),
              "Replaces the logit biases with {token: bias} (None clears); -inf bans a token.")
-        .def_property_readonly("ptr",
-             [](const Sampler & self) { return reinterpret_cast<std::uintptr_t>(self.get()); },
-             "Address of the underlying dm_sampler, for native code that borrows it.");
+        .def("close", &SamplerHandle::close, "Waits for a generation using it, then frees the sampler.")
+        .def_property_readonly("closed", &SamplerHandle::closed);
 }

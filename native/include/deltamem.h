@@ -1,7 +1,14 @@
 // deltamem.h: the plain C API of the pydeltamem engine.
 //
 // Conventions: functions that can fail return NULL or a negative value and leave a message for
-// dm_last_error() (thread-local). Nothing here aborts the process on bad input.
+// dm_last_error() (thread-local). Nothing here aborts the process on bad input: every function that
+// takes a handle accepts NULL and fails with "... is NULL" (the _free functions do nothing), and
+// functions without a failure value (void, bool, enum returns) still set dm_last_error().
+//
+// Threads: a model may be used from several threads at once (tokenizing, and any number of
+// contexts decoding against it). A context, a sampler and a generator are used by one thread at a
+// time; freeing an object while another thread uses it, or a model before its contexts, is the
+// caller's error (the Python bindings serialise calls and make closing wait for them).
 #ifndef DELTAMEM_H
 #define DELTAMEM_H
 
@@ -57,10 +64,12 @@ int32_t      dm_model_meta_value  (const dm_model * model, int32_t i, char * buf
 
 enum dm_kv_type { DM_KV_F16 = 0, DM_KV_F32 = 1 };
 
+#define DM_MAX_THREADS 512   // most worker threads a context may have (ggml's GGML_MAX_N_THREADS)
+
 struct dm_context_params {
     int32_t         n_ctx;       // KV cache length in tokens (0: the model's training context)
     int32_t         n_batch;     // prefill chunk size
-    int32_t         n_threads;   // <= 0: physical cores
+    int32_t         n_threads;   // <= 0: physical cores; at most DM_MAX_THREADS
     enum dm_kv_type kv_type;
     bool            dmem_fused;  // δ-mem prefill scans as one fused CPU op (true) or unrolled portable ops
     int32_t         poll;        // 0..100: how long idle worker threads poll for the next pass before they
@@ -72,6 +81,14 @@ struct dm_context_params dm_context_default_params(void);
 dm_context * dm_context_new (dm_model * model, struct dm_context_params params);
 void         dm_context_free(dm_context * ctx);
 
+// Asked, from the thread doing the work, between the passes of a decode and after every node of a
+// pass; returning true aborts the call, which then fails with "aborted". The sequence is left as it
+// was before the call, but the δ-mem memory may keep the writes of the aborted call's finished passes.
+// Any thread may make it return true while another decodes (e.g. to close the context soon).
+typedef bool (*dm_abort_callback)(void * user_data);
+// Sets (callback NULL: removes) the abort callback of ctx. Returns 0, or -1 when ctx is NULL.
+int32_t      dm_context_set_abort_callback(dm_context * ctx, dm_abort_callback callback, void * user_data);
+
 int32_t dm_context_n_ctx  (const dm_context * ctx);
 int32_t dm_context_n_past (const dm_context * ctx);
 void    dm_context_reset  (dm_context * ctx);   // forget every token (KV cache and history)
@@ -80,7 +97,7 @@ enum dm_logits { DM_LOGITS_NONE = 0, DM_LOGITS_LAST = 1, DM_LOGITS_ALL = 2 };
 
 // Appends tokens to the sequence. logits_out receives n_vocab floats (LAST) or
 // n_tokens * n_vocab floats (ALL); it may be NULL for NONE. Returns 0, or -1 on error
-// (bad token id, empty input, context overflow), in which case the context is unchanged.
+// (bad token id, empty input, context overflow, aborted), in which case the sequence is unchanged.
 int32_t dm_decode(dm_context * ctx, const dm_token * tokens, int32_t n_tokens,
                   enum dm_logits which, float * logits_out);
 
@@ -137,6 +154,7 @@ void           dm_generator_free(dm_generator * gen);
 // error. The last sampled token is not decoded: the context holds prompt + all generated tokens but the last.
 int32_t        dm_generator_run (dm_generator * gen, const dm_token * prompt, int32_t n_prompt,
                                  const int32_t * prompt_seg_ids, dm_text_callback emit, void * user_data);
+// Results of the last run (NULL with *n_tokens / *len = 0, or DM_FINISH_LENGTH, for a NULL gen).
 const dm_token *      dm_generator_tokens(const dm_generator * gen, int32_t * n_tokens);
 const char *          dm_generator_text  (const dm_generator * gen, size_t * len);
 enum dm_finish_reason dm_generator_finish(const dm_generator * gen);

@@ -1,6 +1,8 @@
 // Errors: the core throws dm::Error; the C API catches it at the boundary and stores the message.
 #pragma once
 
+#include <cxxabi.h>
+
 #include <cstdarg>
 #include <stdexcept>
 #include <string>
@@ -20,12 +22,21 @@ void set_last_error(const std::string & message);
 const char * last_error();
 void clear_last_error();
 
+// The object a C entry point works on; throws dm::Error naming it when the caller passed NULL.
+template <typename T>
+T & deref(T * object, const char * what) {
+    if (object == nullptr) fail("%s is NULL", what);
+    return *object;
+}
+
 // Runs fn, converting any exception into the thread's last error and the given failure value.
 template <typename T, typename Fn>
 T guard(T on_failure, Fn && fn) {
     try {
         clear_last_error();
         return fn();
+    } catch (abi::__forced_unwind &) {
+        throw;   // a thread being cancelled (pthread_exit, e.g. by Python's finalization) must unwind
     } catch (const std::exception & e) {
         set_last_error(e.what());
     } catch (...) {

@@ -32,45 +32,51 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
     if (params.n_ctx <= 0) params.n_ctx = m.hp.n_ctx_train;
     if (params.n_batch <= 0) fail("n_batch must be positive, got %d", params.n_batch);
     params.n_batch = std::min(params.n_batch, params.n_ctx);
-    if (params.n_threads <= 0) params.n_threads = dm_physical_cores();
+    if (params.n_threads <= 0) params.n_threads = std::min(dm_physical_cores(), DM_MAX_THREADS);
+    if (params.n_threads > DM_MAX_THREADS) fail("n_threads must be at most %d, got %d", DM_MAX_THREADS, params.n_threads);
     if (params.kv_type != DM_KV_F16 && params.kv_type != DM_KV_F32) fail("unknown KV cache type %d", params.kv_type);
     if (params.poll < 0 || params.poll > 100) fail("poll must be in 0..100, got %d", params.poll);
 
-    backend = ggml_backend_cpu_init();
-    if (!backend) fail("cannot initialise the CPU backend");
     // One pool of worker threads for the life of the context: spawning threads per pass costs
     // more than a single-token mat-vec on small models.
     ggml_threadpool_params tpp = ggml_threadpool_params_default(params.n_threads);
     tpp.poll = static_cast<uint32_t>(params.poll);
-    threadpool = ggml_threadpool_new(&tpp);
+    threadpool.reset(ggml_threadpool_new(&tpp));
     if (!threadpool) fail("cannot create a thread pool of %d threads", params.n_threads);
-    ggml_backend_cpu_set_n_threads(backend, params.n_threads);
-    ggml_backend_cpu_set_threadpool(backend, threadpool);
+    backend.reset(ggml_backend_cpu_init());
+    if (!backend) fail("cannot initialise the CPU backend");
+    ggml_backend_cpu_set_n_threads(backend.get(), params.n_threads);
+    ggml_backend_cpu_set_threadpool(backend.get(), threadpool.get());
 
-    const ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(backend);
+    const ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(backend.get());
     kv.init(m, params.n_ctx, params.kv_type == DM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft);
     if (m.adapter) memory.init(*m.adapter, buft);
-    galloc = ggml_gallocr_new(buft);
+    galloc.reset(ggml_gallocr_new(buft));
+    if (!galloc) fail("cannot create the compute allocator");
 
     // Reserve compute memory for the largest pass up front, so passes never reallocate.
     const dm_graph_shape worst{params.n_batch, params.n_ctx, 1};   // all-logits passes grow it on demand
     const size_t max_nodes = dm_graph_max_nodes(m, worst.n_tokens, !params.dmem_fused);
-    ggml_context * ctx = new_graph_context(max_nodes);
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, max_nodes, false);
+    const ggml_context_ptr ctx(new_graph_context(max_nodes));
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), max_nodes, false);
     const dm_dmem_plan plan;
     std::optional<dm_dmem_builder> dmem;
-    if (m.adapter) dmem.emplace(dm_dmem_builder{ctx, gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}, {}});
-    dm_graph g = dm_build_forward(ctx, gf, m, kv, worst, dmem ? &*dmem : nullptr);
-    const bool ok = ggml_gallocr_reserve(galloc, g.gf);
-    ggml_free(ctx);
-    if (!ok) fail("cannot allocate compute memory for n_ctx=%d, n_batch=%d", params.n_ctx, params.n_batch);
+    if (m.adapter) {
+        dmem.emplace(dm_dmem_builder{ctx.get(), gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}, {}});
+    }
+    dm_graph g = dm_build_forward(ctx.get(), gf, m, kv, worst, dmem ? &*dmem : nullptr);
+    if (!ggml_gallocr_reserve(galloc.get(), g.gf)) {
+        fail("cannot allocate compute memory for n_ctx=%d, n_batch=%d", params.n_ctx, params.n_batch);
+    }
 }
 
-dm_context::~dm_context() {
-    drop_cached_graph();
-    if (galloc) ggml_gallocr_free(galloc);
-    if (backend) ggml_backend_free(backend);
-    if (threadpool) ggml_threadpool_free(threadpool);
+dm_context::~dm_context() { drop_cached_graph(); }
+
+void dm_context::set_abort_callback(dm_abort_callback callback, void * data) {
+    abort_callback = callback;
+    abort_data = data;
+    // ggml asks it after every graph node, so a long pass stops soon too.
+    ggml_backend_cpu_set_abort_callback(backend.get(), callback, data);
 }
 
 ggml_context * dm_context::new_graph_context(size_t max_nodes) {
@@ -142,7 +148,7 @@ const dm_context::cached_graph & dm_context::graph_for(const dm_graph_shape & sh
                                             params.dmem_fused, {}, {}});
     }
     cached.graph = dm_build_forward(cached.ctx, gf, *model, kv, shape, cached.dmem ? &*cached.dmem : nullptr);
-    if (!ggml_gallocr_alloc_graph(galloc, gf)) {
+    if (!ggml_gallocr_alloc_graph(galloc.get(), gf)) {
         drop_cached_graph();
         fail("cannot allocate the compute graph");
     }
@@ -158,7 +164,9 @@ void dm_context::run_pass(const dm_token * toks, const int32_t * seg_ids, int32_
     const dm_graph & g = c.graph;
     set_inputs(g, toks, shape);
     if (c.dmem) c.dmem->set_inputs(plan);
-    if (ggml_backend_graph_compute(backend, g.gf) != GGML_STATUS_SUCCESS) fail("graph computation failed");
+    const ggml_status status = ggml_backend_graph_compute(backend.get(), g.gf);
+    if (status == GGML_STATUS_ABORTED) fail("decode: aborted");
+    if (status != GGML_STATUS_SUCCESS) fail("graph computation failed");
     if (g.logits && logits_out) ggml_backend_tensor_get(g.logits, logits_out, 0, ggml_nbytes(g.logits));
     tokens.insert(tokens.end(), toks, toks + n_tokens);
 }
@@ -173,6 +181,7 @@ int32_t dm_context::chunk_size(int32_t n_tokens, const int32_t * seg_ids, bool w
 void dm_context::decode(const dm_token * toks, int32_t n_tokens, dm_logits which, float * logits_out,
                         const int32_t * seg_ids, bool write) {
     validate(toks, n_tokens);
+    if (which != DM_LOGITS_NONE && which != DM_LOGITS_LAST && which != DM_LOGITS_ALL) fail("decode: unknown logits mode %d", which);
     if (which != DM_LOGITS_NONE && !logits_out) fail("decode: no output buffer for logits");
     const size_t n_vocab = static_cast<size_t>(model->hp.n_vocab);
     const size_t n_before = tokens.size();
@@ -190,6 +199,7 @@ void dm_context::decode(const dm_token * toks, int32_t n_tokens, dm_logits which
                 n_outputs = 1;
                 out = logits_out;
             }
+            if (abort_requested()) fail("decode: aborted");
             run_pass(toks + done, seg_ids ? seg_ids + done : nullptr, n, n_outputs, out, write);
             done += n;
         }

@@ -11,18 +11,30 @@
 
 #include <ggml-alloc.h>
 #include <ggml-backend.h>
+#include <ggml-cpp.h>
 #include <ggml-cpu.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
+
+struct dm_threadpool_deleter {
+    void operator()(ggml_threadpool_t pool) const { ggml_threadpool_free(pool); }
+};
+using dm_threadpool_ptr = std::unique_ptr<ggml_threadpool, dm_threadpool_deleter>;
 
 struct dm_context {
     dm_model *               model = nullptr;
     dm_context_params        params{};
-    ggml_backend_t           backend = nullptr;
-    ggml_threadpool_t        threadpool = nullptr;
-    ggml_gallocr_t           galloc = nullptr;
+    // Every native resource is a member that frees itself, so a constructor that throws half way
+    // leaks nothing. Declaration order is release order reversed: the backend and the allocator go
+    // before the thread pool they use.
+    dm_threadpool_ptr        threadpool;
+    ggml_backend_ptr         backend;
+    ggml_gallocr_ptr         galloc;
+    dm_abort_callback        abort_callback = nullptr;   // asked between and during passes
+    void *                   abort_data = nullptr;
     dm_kv_cache              kv;
     dm_memory                memory;       // δ-mem state, when the model has an adapter
     std::vector<uint8_t>     graph_meta;   // storage for graph and tensor descriptors, reused per pass
@@ -49,6 +61,8 @@ struct dm_context {
     dm_context & operator=(const dm_context &) = delete;
     ~dm_context();
 
+    void set_abort_callback(dm_abort_callback callback, void * data);
+
     int32_t n_past() const { return static_cast<int32_t>(tokens.size()); }
 
     // Appends tokens; writes logits per `which`. seg_ids (may be null) are the message or sentence
@@ -65,6 +79,7 @@ struct dm_context {
 
 private:
     void validate(const dm_token * toks, int32_t n_tokens) const;
+    bool abort_requested() const { return abort_callback && abort_callback(abort_data); }
     // One forward pass over a chunk of at most n_batch tokens.
     void run_pass(const dm_token * toks, const int32_t * seg_ids, int32_t n_tokens, int32_t n_outputs,
                   float * logits_out, bool write);

@@ -2,31 +2,30 @@
 
 #include "common/error.h"
 #include "context/context.h"
+#include "sampling/sampling.h"
 
 #include <algorithm>
 
 using dm::fail;
 
 bool dm_generator::is_end_token(dm_token t) const {
-    return dm_token_is_eog(dm_context_model(ctx), t) ||
-           std::find(stop_tokens.begin(), stop_tokens.end(), t) != stop_tokens.end();
+    return ctx->model->vocab.is_eog(t) || std::find(stop_tokens.begin(), stop_tokens.end(), t) != stop_tokens.end();
 }
 
 bool dm_generator::append_piece(dm_token t) {
-    char buf[256];
-    int32_t n = dm_token_to_piece(dm_context_model(ctx), t, buf, sizeof(buf), false);
-    if (n < 0) {
-        std::string big(static_cast<size_t>(-n), '\0');
-        n = dm_token_to_piece(dm_context_model(ctx), t, big.data(), -n, false);
-        if (n < 0) fail("cannot render token %d", t);
-        text.append(big.data(), static_cast<size_t>(n));
-    } else {
-        text.append(buf, static_cast<size_t>(n));
+    const dm_vocab & vocab = ctx->model->vocab;
+    if (t >= vocab.n_tokens()) {
+        // The output layer has more rows than the tokenizer has tokens: this id has no text.
+        fail("generated token %d has no text: the tokenizer has %d tokens for %d output rows", t, vocab.n_tokens(),
+             ctx->model->hp.n_vocab);
     }
+    const std::string & piece = vocab.token_to_piece(t, false);
+    text += piece;
     // A stop string can only start where it could overlap the new bytes.
     size_t longest = 0;
     for (const std::string & s : stop_strings) longest = std::max(longest, s.size());
-    const size_t from = text.size() > static_cast<size_t>(n) + longest ? text.size() - n - longest : 0;
+    const size_t n = piece.size();
+    const size_t from = text.size() > n + longest ? text.size() - n - longest : 0;
     size_t cut = std::string::npos;
     for (const std::string & s : stop_strings) {
         if (s.empty()) continue;
@@ -78,13 +77,12 @@ void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t 
     text.clear();
     emitted = 0;
     finish = DM_FINISH_LENGTH;
-    const int32_t n_vocab = dm_model_n_vocab(dm_context_model(ctx));
+    const int32_t n_vocab = ctx->model->hp.n_vocab;
     std::vector<float> logits(static_cast<size_t>(n_vocab));
 
     ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data(), prompt_seg_ids);
     for (int32_t i = 0; i < max_tokens; ++i) {
-        const dm_token t = dm_sampler_sample(sampler, logits.data(), n_vocab);
-        if (t < 0) fail("sampling failed: %s", dm_last_error());
+        const dm_token t = sampler->sample(logits.data(), n_vocab);
         if (is_end_token(t)) {
             finish = DM_FINISH_STOP;
             break;

@@ -383,6 +383,13 @@ void dm_sampler::run_chain(const float * logits, int32_t n_vocab) {
     dm::softmax(cur);
 }
 
+dm_token dm_sampler::sample(const float * logits, int32_t n_vocab) {
+    run_chain(logits, n_vocab);
+    const dm_token token = draw();
+    accept(token);
+    return token;
+}
+
 dm_token dm_sampler::draw() {
     // u in [0, 1) from 32 raw bits: mt19937's output is specified by the standard, while
     // std::uniform_real_distribution is not, so the same seed gives the same tokens everywhere.

@@ -74,6 +74,8 @@ struct dm_sampler {
     // Runs the chain up to the draw; afterwards cur holds the survivors with p filled in.
     void run_chain(const float * logits, int32_t n_vocab);
     dm_token draw();
+    // The whole step: runs the chain, draws a token and accepts it.
+    dm_token sample(const float * logits, int32_t n_vocab);
 
 private:
     void load_logits(const float * logits, int32_t n_vocab);

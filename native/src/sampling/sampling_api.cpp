@@ -50,18 +50,17 @@ void dm_sampler_accept(dm_sampler * s, dm_token token) {
 }
 
 void dm_sampler_reset(dm_sampler * s) {
-    if (s != nullptr) {
+    dm::guard<int32_t>(-1, [&] {
+        require_sampler(s);
         s->reset();
-    }
+        return 0;
+    });
 }
 
 dm_token dm_sampler_sample(dm_sampler * s, const float * logits, int32_t n_vocab) {
     return dm::guard<dm_token>(-1, [&] {
         require_sampler(s);
-        s->run_chain(logits, n_vocab);
-        const dm_token token = s->draw();
-        s->accept(token);
-        return token;
+        return s->sample(logits, n_vocab);
     });
 }
 

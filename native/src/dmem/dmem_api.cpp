@@ -1,4 +1,4 @@
-// C API for δ-mem memory and for saving/restoring a context's state.
+// C API for δ-mem: the adapter's description and a context's memory.
 #include <deltamem.h>
 
 #include "common/error.h"
@@ -94,25 +94,31 @@ std::string adapter_json(const dm_adapter & a) {
 } // namespace
 
 const char * dm_model_adapter_info(const dm_model * model) {
-    if (!model->adapter) return nullptr;
-    static thread_local std::string info;
-    info = adapter_json(*model->adapter);
-    return info.c_str();
-}
-
-int32_t dm_decode_ext(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, dm_logits which, float * logits_out,
-                      const int32_t * seg_ids, bool write) {
-    return dm::guard<int32_t>(-1, [&] {
-        ctx->decode(tokens, n_tokens, which, logits_out, seg_ids, write);
-        return 0;
+    return dm::guard<const char *>(nullptr, [&]() -> const char * {
+        const dm_model & m = dm::deref(model, "model");
+        if (!m.adapter) return nullptr;
+        static thread_local std::string info;
+        info = adapter_json(*m.adapter);
+        return info.c_str();
     });
 }
 
-int64_t dm_memory_size(const dm_context * ctx) { return static_cast<int64_t>(ctx->memory.n_floats()); }
+static const dm_memory & memory_of(const dm_context * ctx) { return dm::deref(ctx, "context").memory; }
+
+int64_t dm_memory_size(const dm_context * ctx) {
+    return dm::guard<int64_t>(-1, [&] { return static_cast<int64_t>(memory_of(ctx).n_floats()); });
+}
+
+// Checks that a caller's buffer of n floats fits the memory of ctx.
+static void check_memory_buffer(const dm_context * ctx, const void * buf, int64_t n) {
+    const auto need = static_cast<int64_t>(memory_of(ctx).n_floats());
+    if (n != need) dm::fail("memory has %lld floats, buffer holds %lld", static_cast<long long>(need), static_cast<long long>(n));
+    if (n > 0 && !buf) dm::fail("memory buffer is NULL");
+}
 
 int32_t dm_memory_get(const dm_context * ctx, float * out, int64_t n) {
     return dm::guard<int32_t>(-1, [&] {
-        if (n != dm_memory_size(ctx)) dm::fail("memory has %lld floats, buffer holds %lld", static_cast<long long>(dm_memory_size(ctx)), static_cast<long long>(n));
+        check_memory_buffer(ctx, out, n);
         ctx->memory.get(out);
         return 0;
     });
@@ -120,29 +126,16 @@ int32_t dm_memory_get(const dm_context * ctx, float * out, int64_t n) {
 
 int32_t dm_memory_set(dm_context * ctx, const float * in, int64_t n) {
     return dm::guard<int32_t>(-1, [&] {
-        if (!ctx->model->adapter) dm::fail("the model has no δ-mem adapter");
-        if (n != dm_memory_size(ctx)) dm::fail("memory needs %lld floats, got %lld", static_cast<long long>(dm_memory_size(ctx)), static_cast<long long>(n));
+        if (!dm::deref(ctx, "context").model->adapter) dm::fail("the model has no δ-mem adapter");
+        check_memory_buffer(ctx, in, n);
         ctx->memory.set(in);
         return 0;
     });
 }
 
-void dm_memory_reset(dm_context * ctx) { ctx->memory.clear(); }
-
-int64_t dm_context_kv_size(const dm_context * ctx) { return static_cast<int64_t>(ctx->kv_bytes()); }
-
-int32_t dm_context_kv_get(const dm_context * ctx, void * out, int64_t size) {
-    return dm::guard<int32_t>(-1, [&] {
-        if (size != dm_context_kv_size(ctx)) dm::fail("KV state needs %lld bytes, buffer holds %lld", static_cast<long long>(dm_context_kv_size(ctx)), static_cast<long long>(size));
-        ctx->kv_get(out);
-        return 0;
-    });
-}
-
-int32_t dm_context_kv_set(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, const void * data, int64_t size) {
-    return dm::guard<int32_t>(-1, [&] {
-        if (size < 0) dm::fail("negative state size");
-        ctx->kv_set(tokens, n_tokens, data, static_cast<size_t>(size));
+void dm_memory_reset(dm_context * ctx) {
+    dm::guard<int32_t>(-1, [&] {
+        dm::deref(ctx, "context").memory.clear();
         return 0;
     });
 }

@@ -1,0 +1,61 @@
+// C API for the generation loop.
+#include <deltamem.h>
+
+#include "common/error.h"
+#include "generate/generator.h"
+
+// Checks a (pointer, count) pair of the caller.
+static void check_array(const void * items, int32_t n, const char * what) {
+    if (n < 0) dm::fail("generator: %s count is negative (%d)", what, n);
+    if (n > 0 && !items) dm::fail("generator: %s are NULL", what);
+}
+
+dm_generator * dm_generator_new(dm_context * ctx, dm_sampler * sampler, dm_generate_params params) {
+    return dm::guard<dm_generator *>(nullptr, [&] {
+        if (!ctx || !sampler) dm::fail("generator: the context or the sampler is NULL");
+        if (params.max_tokens < 0) dm::fail("max_tokens must be >= 0, got %d", params.max_tokens);
+        check_array(params.stop, params.n_stop, "stop strings");
+        check_array(params.stop_tokens, params.n_stop_tokens, "stop tokens");
+        auto * gen = new dm_generator();
+        gen->ctx = ctx;
+        gen->sampler = sampler;
+        gen->max_tokens = params.max_tokens;
+        for (int32_t i = 0; i < params.n_stop; ++i) {
+            if (params.stop[i] && params.stop[i][0]) gen->stop_strings.emplace_back(params.stop[i]);
+        }
+        gen->stop_tokens.assign(params.stop_tokens, params.stop_tokens + params.n_stop_tokens);
+        return gen;
+    });
+}
+
+void dm_generator_free(dm_generator * gen) { delete gen; }
+
+int32_t dm_generator_run(dm_generator * gen, const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids,
+                         dm_text_callback emit, void * user_data) {
+    return dm::guard<int32_t>(-1, [&] {
+        dm::deref(gen, "generator").run(prompt, n_prompt, prompt_seg_ids, emit, user_data);
+        return 0;
+    });
+}
+
+const dm_token * dm_generator_tokens(const dm_generator * gen, int32_t * n_tokens) {
+    if (n_tokens) *n_tokens = 0;
+    return dm::guard<const dm_token *>(nullptr, [&] {
+        const dm_generator & g = dm::deref(gen, "generator");
+        if (n_tokens) *n_tokens = static_cast<int32_t>(g.tokens.size());
+        return g.tokens.data();
+    });
+}
+
+const char * dm_generator_text(const dm_generator * gen, size_t * len) {
+    if (len) *len = 0;
+    return dm::guard<const char *>(nullptr, [&] {
+        const dm_generator & g = dm::deref(gen, "generator");
+        if (len) *len = g.text.size();
+        return g.text.c_str();
+    });
+}
+
+dm_finish_reason dm_generator_finish(const dm_generator * gen) {
+    return dm::guard<dm_finish_reason>(DM_FINISH_LENGTH, [&] { return dm::deref(gen, "generator").finish; });
+}
