@@ -102,6 +102,7 @@ static void null_handles(void) {
     NULL_CALL(dm_sampler_set_logit_bias(s, &tok, f, 1), == -1);
     dm_sampler_accept(s, 1);
     expect_error("dm_sampler_accept(NULL)", 1, "NULL");
+    NULL_CALL(dm_sampler_accept_tokens(s, &tok, 1), == -1);
     dm_sampler_reset(s);
     expect_error("dm_sampler_reset(NULL)", 1, "NULL");
     NULL_CALL(dm_sampler_sample(s, f, 4), == -1);
@@ -170,6 +171,9 @@ static void bad_arguments(const char * model_path) {
     struct dm_sampler_params sp = dm_sampler_default_params();
     sp.temperature = 0.0f;
     dm_sampler * s = dm_sampler_new(sp);
+    expect_error("dm_sampler_accept_tokens with a negative count", dm_sampler_accept_tokens(s, tokens, -1) == -1, "n >= 0");
+    expect_error("dm_sampler_accept_tokens with NULL tokens", dm_sampler_accept_tokens(s, NULL, 2) == -1, "n >= 0");
+    expect_ok("dm_sampler_accept_tokens", dm_sampler_accept_tokens(s, tokens, 3) == 0);
     struct dm_generate_params gp = {4, NULL, 2, NULL, 0};
     expect_error("dm_generator_new with NULL stop strings", dm_generator_new(c, s, gp) == NULL, "NULL");
     gp.n_stop = 0;

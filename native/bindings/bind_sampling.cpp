@@ -13,8 +13,8 @@ namespace {
 
 using float_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-// Python's seed convention: None or -1 ask for a random seed, like llama-cpp-python.
-uint32_t seed_from_python(const py::object & seed) {
+// The seed as pydeltamem.sampling normalises it: None is a random seed, else a 32-bit value.
+uint32_t seed_from_python(const py::handle & seed) {
     if (seed.is_none()) {
         return DM_SEED_RANDOM;
     }
@@ -22,13 +22,50 @@ uint32_t seed_from_python(const py::object & seed) {
         throw py::type_error("seed must be an int or None");
     }
     const long long value = seed.cast<long long>();
-    if (value == -1) {
-        return DM_SEED_RANDOM;
-    }
     if (value < 0 || value > static_cast<long long>(std::numeric_limits<uint32_t>::max())) {
-        throw py::value_error("seed must be in [0, 2**32 - 1], -1 or None");
+        throw py::value_error("seed must be in [0, 2**32 - 1] or None");
     }
     return static_cast<uint32_t>(value);
+}
+
+// dm_sampler_default_params() as a dict: the one place Python learns the defaults from.
+py::dict default_params_dict() {
+    const dm_sampler_params p = dm_sampler_default_params();
+    py::dict d;
+    d["temperature"]       = p.temperature;
+    d["top_k"]             = p.top_k;
+    d["top_p"]             = p.top_p;
+    d["min_p"]             = p.min_p;
+    d["typical_p"]         = p.typical_p;
+    d["repeat_penalty"]    = p.repeat_penalty;
+    d["frequency_penalty"] = p.frequency_penalty;
+    d["presence_penalty"]  = p.presence_penalty;
+    d["penalty_last_n"]    = p.penalty_last_n;
+    d["seed"]              = p.seed == DM_SEED_RANDOM ? py::object(py::none()) : py::object(py::int_(p.seed));
+    return d;
+}
+
+// dm_sampler_default_params() with the fields kwargs names replaced; an unknown name is a TypeError.
+dm_sampler_params params_from_kwargs(const py::kwargs & kwargs) {
+    dm_sampler_params p = dm_sampler_default_params();
+    for (const auto & item : kwargs) {
+        const std::string name = py::str(item.first);
+        const py::handle value = item.second;
+        if (name == "temperature")            p.temperature = value.cast<float>();
+        else if (name == "top_k")             p.top_k = int32_arg(value, "top_k");
+        else if (name == "top_p")             p.top_p = value.cast<float>();
+        else if (name == "min_p")             p.min_p = value.cast<float>();
+        else if (name == "typical_p")         p.typical_p = value.cast<float>();
+        else if (name == "repeat_penalty")    p.repeat_penalty = value.cast<float>();
+        else if (name == "frequency_penalty") p.frequency_penalty = value.cast<float>();
+        else if (name == "presence_penalty")  p.presence_penalty = value.cast<float>();
+        else if (name == "penalty_last_n")    p.penalty_last_n = int32_arg(value, "penalty_last_n");
+        else if (name == "seed")              p.seed = seed_from_python(value);
+        else if (name != "logit_bias") {
+            throw py::type_error("Sampler() got an unexpected keyword argument '" + name + "'");
+        }
+    }
+    return p;
 }
 
 // Accepts {token: bias} with int keys or, as in OpenAI requests, keys that are numeric strings.
@@ -69,31 +106,17 @@ void bind_sampling(py::module_ & m) {
     py::class_<SamplerHandle>(m, "Sampler",
         "Sampler chain: logit bias -> penalties -> top-k -> typical-p -> top-p -> min-p -> "
         "temperature -> draw. temperature <= 0 is greedy.")
-        .def(py::init([](float temperature, const py::handle & top_k, float top_p, float min_p, float typical_p,
-                         float repeat_penalty, float frequency_penalty, float presence_penalty,
-                         const py::handle & penalty_last_n, const py::object & seed, const py::object & logit_bias) {
-                 dm_sampler_params p = dm_sampler_default_params();
-                 p.temperature       = temperature;
-                 p.top_k             = int32_arg(top_k, "top_k");
-                 p.top_p             = top_p;
-                 p.min_p             = min_p;
-                 p.typical_p         = typical_p;
-                 p.repeat_penalty    = repeat_penalty;
-                 p.frequency_penalty = frequency_penalty;
-                 p.presence_penalty  = presence_penalty;
-                 p.penalty_last_n    = int32_arg(penalty_last_n, "penalty_last_n");
-                 p.seed              = seed_from_python(seed);
-                 dm_sampler * sampler = dm_sampler_new(p);
+        .def(py::init([](const py::kwargs & kwargs) {
+                 dm_sampler * sampler = dm_sampler_new(params_from_kwargs(kwargs));
                  check(sampler != nullptr);
                  auto self = std::make_unique<SamplerHandle>(sampler);
-                 set_logit_bias(*self, logit_bias);
+                 set_logit_bias(*self, kwargs.contains("logit_bias") ? py::object(kwargs["logit_bias"]) : py::none());
                  return self;
              }),
-             py::arg("temperature") = 0.8f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
-             py::arg("min_p") = 0.05f, py::arg("typical_p") = 1.0f, py::arg("repeat_penalty") = 1.0f,
-             py::arg("frequency_penalty") = 0.0f, py::arg("presence_penalty") = 0.0f,
-             py::arg("penalty_last_n") = 64, py::arg("seed") = py::none(),
-             py::arg("logit_bias") = py::none())
+             "Sampler(**params): dm_sampler_default_params() with the named fields replaced (temperature, "
+             "top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty, "
+             "penalty_last_n, seed: int or None, logit_bias: {token: bias}). pydeltamem.sampling.SamplingParams "
+             "is the Python policy that checks and normalises them.")
         .def("sample",
              [](SamplerHandle & self, const float_array & logits) {
                  const int32_t n_vocab = vocab_size_of(logits);
@@ -120,6 +143,12 @@ void bind_sampling(py::module_ & m) {
                  dm_sampler_accept(u.object, id);
              },
              py::arg("token"), "Adds a token (e.g. from the prompt) to the penalty history.")
+        .def("accept_tokens",
+             [](SamplerHandle & self, const std::vector<dm_token> & tokens) {
+                 SamplerHandle::use u(self);
+                 check(dm_sampler_accept_tokens(u.object, tokens.data(), static_cast<int32_t>(tokens.size())) == 0);
+             },
+             py::arg("tokens"), "Adds tokens in order (a prompt's) to the penalty history, in one call.")
         .def("reset",
              [](SamplerHandle & self) {
                  SamplerHandle::use u(self);
@@ -130,4 +159,6 @@ void bind_sampling(py::module_ & m) {
              "Replaces the logit biases with {token: bias} (None clears); -inf bans a token.")
         .def("close", &SamplerHandle::close, "Waits for a generation using it, then frees the sampler.")
         .def_property_readonly("closed", &SamplerHandle::closed);
+    m.def("sampler_default_params", &default_params_dict,
+          "dm_sampler_default_params() as a dict (seed None: random).");
 }

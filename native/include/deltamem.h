@@ -237,6 +237,8 @@ int32_t dm_sampler_set_logit_bias(dm_sampler * s, const dm_token * tokens, const
 // Appends a token to the penalty history: feed the prompt tokens here; dm_sampler_sample
 // accepts its own choices. Negative ids are ignored.
 void dm_sampler_accept(dm_sampler * s, dm_token token);
+// The same for n tokens in order (a prompt's, in one call); 0, or -1 with dm_last_error() set.
+int32_t dm_sampler_accept_tokens(dm_sampler * s, const dm_token * tokens, int32_t n);
 
 // Clears the penalty history; params, biases and the RNG state are kept.
 void dm_sampler_reset(dm_sampler * s);

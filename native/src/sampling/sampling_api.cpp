@@ -49,6 +49,19 @@ void dm_sampler_accept(dm_sampler * s, dm_token token) {
     });
 }
 
+int32_t dm_sampler_accept_tokens(dm_sampler * s, const dm_token * tokens, int32_t n) {
+    return dm::guard<int32_t>(-1, [&] {
+        require_sampler(s);
+        if (n < 0 || (n > 0 && tokens == nullptr)) {
+            dm::fail("sampler: accept_tokens needs n >= 0 tokens");
+        }
+        for (int32_t i = 0; i < n; ++i) {
+            s->accept(tokens[i]);
+        }
+        return 0;
+    });
+}
+
 void dm_sampler_reset(dm_sampler * s) {
     dm::guard<int32_t>(-1, [&] {
         require_sampler(s);
