@@ -2,6 +2,7 @@
 #include "bindings/handles.h"
 
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <limits>
