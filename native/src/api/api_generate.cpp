@@ -4,6 +4,14 @@
 #include "common/error.h"
 #include "generate/generator.h"
 
+dm_generate_params dm_generate_default_params() {
+    dm_generate_params p{};
+    p.max_tokens = 16;
+    p.write = true;
+    p.seg_id = -1;
+    return p;
+}
+
 dm_generator * dm_generator_new(dm_context * ctx, dm_sampler * sampler, dm_generate_params params) {
     return dm::guard<dm_generator *>(nullptr, [&] {
         if (!ctx || !sampler) dm::fail("generator: context and sampler are required");
@@ -16,6 +24,8 @@ dm_generator * dm_generator_new(dm_context * ctx, dm_sampler * sampler, dm_gener
             if (params.stop[i] && params.stop[i][0]) gen->stop_strings.emplace_back(params.stop[i]);
         }
         gen->stop_tokens.assign(params.stop_tokens, params.stop_tokens + params.n_stop_tokens);
+        gen->write = params.write;
+        gen->seg_id = params.seg_id;
         return gen;
     });
 }

@@ -81,7 +81,8 @@ void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t 
     const int32_t n_vocab = dm_model_n_vocab(dm_context_model(ctx));
     std::vector<float> logits(static_cast<size_t>(n_vocab));
 
-    ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data(), prompt_seg_ids);
+    ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data(), prompt_seg_ids, write);
+    const int32_t * token_seg_ids = seg_id >= 0 ? &seg_id : nullptr;
     for (int32_t i = 0; i < max_tokens; ++i) {
         const dm_token t = dm_sampler_sample(sampler, logits.data(), n_vocab);
         if (t < 0) fail("sampling failed: %s", dm_last_error());
@@ -100,7 +101,7 @@ void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t 
         }
         if (i + 1 == max_tokens) break;   // the last token needs no forward pass
         if (ctx->n_past() >= ctx->params.n_ctx) break;   // the context is full: a "length" finish
-        ctx->decode(&t, 1, DM_LOGITS_LAST, logits.data());
+        ctx->decode(&t, 1, DM_LOGITS_LAST, logits.data(), token_seg_ids, write);
     }
     emit_upto(text.size(), emit, user_data);
 }
