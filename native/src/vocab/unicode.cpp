@@ -340,10 +340,6 @@ std::vector<uint32_t> nfc(const std::vector<uint32_t> & cps) {
     return compose(decomposed);
 }
 
-const char * unicode_version() {
-    return DM_UNICODE_VERSION;
-}
-
 void utf8_stream::feed(const char * bytes, size_t len, std::string & out) {
     if (len > 0) {
         pending.append(bytes, len);

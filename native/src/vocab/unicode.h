@@ -36,8 +36,6 @@ void append_utf8(std::string & out, uint32_t cp);
 // Unicode Normalization Form C (canonical decomposition, then canonical composition).
 std::vector<uint32_t> nfc(const std::vector<uint32_t> & cps);
 
-const char * unicode_version();
-
 // Turns a byte stream into valid UTF-8 piece by piece: complete characters are released as soon as
 // they arrive, an incomplete trailing sequence waits for the next bytes, and ill-formed input is
 // replaced by U+FFFD per maximal subpart (the rule Python's bytes.decode(errors="replace") uses,
@@ -48,7 +46,6 @@ public:
     void feed(const char * bytes, size_t len, std::string & out);
     // Releases what is still pending (an incomplete sequence becomes one U+FFFD) and resets.
     void finish(std::string & out);
-    size_t n_pending() const { return pending.size(); }
 
 private:
     std::string pending;   // at most 3 bytes: the start of a sequence that may still complete
