@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -74,6 +75,7 @@ class Model:
         self._metadata: dict[str, Any] | None = None
         self._chat_format: ChatFormat | None = None
         self._shared: completion.GenerationSlot | None = None   # the context completions share, made on first use
+        self._shared_lock = threading.Lock()
 
     # ---- lifecycle ----
     def close(self) -> None:
@@ -248,9 +250,10 @@ class Model:
                                                  stop=stop, sampling=sampling, stream=stream, write=write)
 
     def _shared_slot(self) -> completion.GenerationSlot:
-        if self._shared is None:
-            self._shared = completion.GenerationSlot(self.context())
-        return self._shared
+        with self._shared_lock:
+            if self._shared is None:
+                self._shared = completion.GenerationSlot(self.context())
+            return self._shared
 
     # ---- chat sessions with memory ----
     def session(self, system: str | None = None, *, memory: str | os.PathLike | None = None,

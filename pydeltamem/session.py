@@ -15,7 +15,8 @@ does, in the same calls, with the ids of pydeltamem.segments:
    the generated ones, context and memory start over from the whole conversation.
 
 A call whose ids are all -1 writes token by token (the reference's rule). chat(write=False) makes
-the same calls, reading the memory only.
+the same calls, reading the memory only (and, unlike the reference, keeps the memory when the
+conversation diverges: only the context starts over).
 
 Beyond the reference: drop_context() and memory=PATH give a memory that holds more than the
 conversation shows. Then the tokens the memory has already seen are decoded again only to rebuild

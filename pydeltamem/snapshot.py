@@ -113,7 +113,10 @@ def _load_kv_file(path: Path) -> Any:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
                 raise ValueError(f"{path}: not a torch.save file")
-            return _CacheUnpickler(archive, pickles[0][:-len("data.pkl")], path).load()
+            folder = pickles[0][:-len("data.pkl")]
+            if f"{folder}byteorder" in archive.namelist() and archive.read(f"{folder}byteorder").strip() != b"little":
+                raise ValueError(f"{path}: saved on a big-endian machine (not supported)")
+            return _CacheUnpickler(archive, folder, path).load()
     except ValueError:
         raise
     except Exception as e:   # not a zip, a cut-off pickle, bad opcodes, CRC errors

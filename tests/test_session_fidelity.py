@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -380,6 +381,22 @@ def test_diverging_tokens_start_the_memory_over(adapted, observed):
     assert_same_memory(s.memory, ref.memory, "rebuilt")
 
 
+@pytest.mark.parametrize("variant", ["message_mean", "sentence_mean"])
+def test_chat_completions_write_with_the_session_ids(adapted, observed, variant):
+    """create_chat_completion on a segment-mean adapter: the prompt under the reference's span ids,
+    then each generated token under the reply's id (the loop leaves the last one undecoded)."""
+    gguf, adapter, tokenizer, *_ = adapted("qwen3", variant)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]},
+                {"role": "assistant", "content": " the capital"}, {"role": "user", "content": TURNS[1]}]
+    tokens, message_ids, sentence_ids = ReferenceSpans(tokenizer, variant == "sentence_mean").spans(messages, True)
+    reply_id = 3 if variant == "message_mean" else max(sentence_ids) + 1   # three messages before it
+    with pydeltamem.Model(gguf, adapter=adapter, n_ctx=512, kv_type="f32") as m:
+        out = m.create_chat_completion(messages, max_tokens=4, temperature=0, logit_bias=banned_bias(tokenizer, m.n_vocab))
+    n_generated = out["usage"]["completion_tokens"]
+    assert observed[0] == (tokens, effective_ids(variant, message_ids, sentence_ids), True)
+    assert [c[1] for c in observed[1:]] == [[reply_id]] * (n_generated - 1 if n_generated == 4 else n_generated)
+
+
 def test_drop_context_after_a_turn_keeps_the_whole_turn(adapted):
     gguf, adapter, tokenizer, *_ = adapted("qwen3", "released")
     with pydeltamem.Model(gguf, adapter=adapter, n_ctx=512, kv_type="f32") as m:
@@ -425,6 +442,13 @@ def test_snapshot_of_another_adapter_or_model_is_refused(adapted, tmp_path):
         with pytest.raises(ValueError, match="another"):
             m.load_session(tmp_path / "snapshot")
     with pydeltamem.Model(gguf, adapter=adapter, n_ctx=512) as m:
+        kv_file = tmp_path / "snapshot" / "past_key_values.pt"
+        kv_file.rename(tmp_path / "kv.pt")
+        torch.save({"not a cache": Fraction(1, 2)}, kv_file)   # a pickle naming other classes never runs them
+        with pytest.raises(ValueError, match="refusing to load fractions.Fraction"):
+            m.load_session(tmp_path / "snapshot")
+        (tmp_path / "kv.pt").replace(kv_file)
+        assert m.load_session(tmp_path / "snapshot").messages == reference.messages
         (tmp_path / "snapshot" / "session.json").write_text("[1, 2]")
         with pytest.raises(ValueError, match="session.json"):
             m.load_session(tmp_path / "snapshot")
