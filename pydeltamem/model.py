@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -10,10 +11,13 @@ import numpy as np
 
 from . import _core
 from . import atomic as _atomic
-from . import memory as _memfile
+from . import completion
+from . import memfile as _memfile
+from .chat_template import ChatFormat, model_chat_template, thinking_override
+from .session import ChatSession
 
 if TYPE_CHECKING:
-    from .session import ChatSession
+    from .completion import OnPiece
 
 _LOGITS = {"none": _core.LOGITS_NONE, "last": _core.LOGITS_LAST, "all": _core.LOGITS_ALL}
 _KV_TYPES = {"f16": _core.KV_F16, "f32": _core.KV_F32}
@@ -98,13 +102,16 @@ class Model:
             warnings.warn(f"the δ-mem adapter of {self._adapter['source']} has no delta heads: its memory is kept "
                           "but corrects nothing, so the model behaves as the bare backbone", stacklevel=2)
         self._metadata: dict[str, Any] | None = None
+        self._chat_format: ChatFormat | None = None
+        self._shared: completion.GenerationSlot | None = None   # the context completions share, made on first use
+        self._shared_lock = threading.Lock()
 
     # ---- lifecycle ----
     def close(self) -> None:
         """Frees the weights (contexts still open keep them until they close too)."""
-        generation = self.__dict__.pop("_generation", None)
-        if generation is not None:
-            generation[0].close()
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
         self._native.close()
 
     @property
@@ -206,21 +213,53 @@ class Model:
         """End-of-turn token (e.g. <|im_end|>), None when the model has none."""
         return _optional_token(_core.token_eot(self._native))
 
+    @property
+    def end_of_turn_tokens(self) -> list[int]:
+        """The tokens that end a chat reply (end of turn, end of sequence)."""
+        return [t for t in (self.token_eot, self.token_eos) if t is not None]
+
+    def token_text(self, token: int | None) -> str:
+        """The text of a token, special tokens included ("" for None)."""
+        return "" if token is None else self.detokenize([token], special=True)
+
+    # ---- chat prompts ----
+    @property
+    def chat_format(self) -> ChatFormat:
+        """How this model's conversations become prompts: the GGUF's chat template (ChatML, with a
+        warning, when it has none) rendered as the δ-mem reference runtime renders it."""
+        if self._chat_format is None:
+            self._chat_format = ChatFormat(
+                model_chat_template(self.metadata), bos_token=self.token_text(self.token_bos),
+                eos_token=self.token_text(self.token_eos), enable_thinking=thinking_override(self.metadata),
+                tokenize=lambda text, add_special: self.tokenize(text, add_special=add_special, parse_special=True))
+        return self._chat_format
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation (see chat_format)."""
+        return self.chat_format.render(messages, add_generation_prompt=add_generation_prompt)
+
     # ---- text generation (pydeltamem/completion.py) ----
     def create_completion(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 16,
                           temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                           typical_p: float = 1.0, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
                           presence_penalty: float = 0.0, stop: str | Sequence[str] | None = None,
                           seed: int | None = None, stream: bool = False,
-                          logit_bias: dict[int, float] | None = None):
+                          logit_bias: dict[int, float] | None = None, write: bool = True):
         """Completes prompt (text or token ids); an OpenAI-shaped "text_completion" dict, or an iterator
         of chunks with stream=True. Stop strings end the text and are not part of it; max_tokens
-        None or <= 0 generates until the context is full. temperature 0 is greedy; seed=None is random."""
-        from .completion import create_completion
-        return create_completion(self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                 top_k=top_k, min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
-                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                                 stop=stop, seed=seed, stream=stream, logit_bias=logit_bias)
+        None or <= 0 generates until the context is full. temperature 0 is greedy; seed=None is random.
+        With a δ-mem adapter, write=False reads the memory without writing it."""
+        if isinstance(prompt, (str, bytes)):
+            # Like llama-cpp-python: BOS as the model asks, and special tokens written in the prompt count.
+            tokens = self.tokenize(prompt, add_special=True, parse_special=True)
+        else:
+            tokens = _token_list(prompt)
+        sampling = completion.sampler_args(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            seed=seed, logit_bias=logit_bias)
+        return completion.create_completion(self, self._shared_slot(), tokens, max_tokens=max_tokens, stop=stop,
+                                            sampling=sampling, stream=stream, write=write)
 
     __call__ = create_completion
 
@@ -229,30 +268,40 @@ class Model:
                                min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
                                frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                                stop: str | Sequence[str] | None = None, seed: int | None = None,
-                               stream: bool = False, logit_bias: dict[int, float] | None = None):
+                               stream: bool = False, logit_bias: dict[int, float] | None = None,
+                               write: bool = True):
         """Answers a conversation rendered with the model's chat template; an OpenAI-shaped
         "chat.completion" dict, or "chat.completion.chunk"s with stream=True. Generation also ends at
-        the end-of-turn token. A conversation that grows turn by turn decodes only its new tokens."""
-        from .completion import create_chat_completion
-        return create_chat_completion(self, messages, max_tokens=max_tokens, temperature=temperature,
-                                      top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
-                                      repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                                      presence_penalty=presence_penalty, stop=stop, seed=seed, stream=stream,
-                                      logit_bias=logit_bias)
+        the end-of-turn token. A conversation that grows turn by turn decodes only its new tokens.
+        Message content may be a string, None, or a list of OpenAI text parts. With a δ-mem
+        adapter, write=False reads the memory without writing it; segment-mean adapters get the
+        message and sentence ids of chat sessions."""
+        sampling = completion.sampler_args(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            seed=seed, logit_bias=logit_bias)
+        return completion.create_chat_completion(self, self._shared_slot(), messages, max_tokens=max_tokens,
+                                                 stop=stop, sampling=sampling, stream=stream, write=write)
+
+    def _shared_slot(self) -> completion.GenerationSlot:
+        with self._shared_lock:
+            if self._shared is None:
+                self._shared = completion.GenerationSlot(self.context())
+            return self._shared
 
     # ---- chat sessions with memory ----
     def session(self, system: str | None = None, *, memory: str | os.PathLike | None = None,
                 n_ctx: int | None = None, n_threads: int | None = None) -> "ChatSession":
         """A chat session with its own context; memory=PATH starts it from a saved δ-mem memory."""
-        from .session import ChatSession
-
         return ChatSession(self, system=system, memory=memory, n_ctx=n_ctx, n_threads=n_threads)
 
     def load_session(self, path: str | os.PathLike, *, n_ctx: int | None = None,
                      n_threads: int | None = None) -> "ChatSession":
-        """A session saved with ChatSession.save: its messages and memory (and KV cache when saved)."""
-        from .session import ChatSession
-
+        """A session saved with ChatSession.save (its messages and memory, and the KV cache when
+        saved), or, given a folder, a snapshot of the δ-mem reference runtime
+        (DeltaMemChatSession.save_snapshot: messages, memory and KV cache)."""
+        if os.path.isdir(path):
+            return ChatSession.from_reference_snapshot(self, path, n_ctx=n_ctx, n_threads=n_threads)
         return ChatSession.load(self, path, n_ctx=n_ctx, n_threads=n_threads)
 
     @classmethod
@@ -323,7 +372,8 @@ class Context:
 
         logits="last": float32 [n_vocab] for the last token; "all": float32 [len(tokens), n_vocab];
         "none": None (prefill only). With a δ-mem adapter, message_ids / sentence_ids (one per token,
-        -1 for template glue) drive message_mean / sentence_mean writes; write=False only reads memory.
+        -1 for template glue) drive message_mean / sentence_mean writes (a call whose ids are all -1
+        writes token by token, as one without ids); write=False only reads memory.
         """
         if logits not in _LOGITS:
             raise ValueError(f"logits must be one of {sorted(_LOGITS)}, got {logits!r}")
@@ -352,6 +402,22 @@ class Context:
         if sentence_ids is None:
             return None
         return [s if m >= 0 else -1 for m, s in zip(message_ids, sentence_ids)]
+
+    def generate(self, tokens: Sequence[int], sampler: "_core.Sampler", *, max_tokens: int,
+                 stop: Sequence[str] = (), stop_tokens: Sequence[int] = (), seg_ids: Sequence[int] | None = None,
+                 write: bool = True, seg_id: int = -1, on_piece: "OnPiece | None" = None) -> completion.Generation:
+        """Decodes tokens (at least one), then samples up to max_tokens tokens, decoding each but the
+        last, in C++. Ends at the model's end-of-generation tokens, stop_tokens, and before a stop
+        string. on_piece(bytes) receives each final piece of text; returning False stops.
+        δ-mem: seg_ids are the tokens' ids of the adapter's write granularity, seg_id every
+        generated token's (-1: token writes); write=False only reads the memory."""
+        ids = _token_list(tokens)
+        if seg_ids is not None and len(seg_ids) != len(ids):
+            raise ValueError(f"seg_ids has {len(seg_ids)} entries for {len(ids)} tokens")
+        out, text, finish = _core.generate(self._native, sampler, ids, max_tokens, list(stop),
+                                           list(stop_tokens), on_piece, _effective_ids(seg_ids), write=bool(write),
+                                           seg_id=int(seg_id))
+        return completion.Generation(list(out), text.decode("utf-8", errors="replace"), finish)
 
     # ---- δ-mem memory ----
     def _require_adapter(self) -> dict[str, Any]:
@@ -408,23 +474,25 @@ class Context:
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Writes tokens, KV cache and δ-mem state, so load_state continues bit-identically (atomically)."""
-        _atomic.write_bytes(path, self._state_chunks())
+        _atomic.write_bytes(path, [self.get_state()])
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Restores a file written by save_state of a context of the same model (and adapter)."""
         path = os.fspath(path)
         with open(path, "rb") as f:
-            self._load_state_bytes(f.read(), path)
+            self.set_state(f.read(), path)
 
-    def _state_chunks(self) -> list[bytes]:
+    def get_state(self) -> bytes:
+        """Tokens, KV cache and δ-mem state as the bytes of a state file."""
         tokens = self.tokens
         kv = self._native.kv_get()
         mem = self._native.memory_get() if self.model._adapter is not None else np.zeros(0, np.float32)
         header = self._state_header(len(tokens), len(kv))
         chunks = [np.asarray(tokens, dtype="<i4").tobytes(), kv, mem.astype("<f4").tobytes()]
-        return _memfile.pack(_memfile.STATE_MAGIC, header, chunks)
+        return b"".join(_memfile.pack(_memfile.STATE_MAGIC, header, chunks))
 
-    def _load_state_bytes(self, data: bytes, path: str) -> None:
+    def set_state(self, data: bytes, path: str = "state") -> None:
+        """Restores get_state()'s bytes (path names them in errors)."""
         header, payload = _memfile.unpack_bytes(data, _memfile.STATE_MAGIC, "state", path)
         n = _memfile.field(header, "n_tokens", int, path)
         kv_bytes = _memfile.field(header, "kv_bytes", int, path)
@@ -450,6 +518,59 @@ class Context:
         self._native.kv_set(tokens, kv)
         if mem is not None:
             self._native.memory_set(mem)
+
+    # ---- KV cache rows ----
+    def _kv_dtype(self) -> np.dtype:
+        return np.dtype("<f2" if self.kv_type == "f16" else "<f4")
+
+    def kv_widths(self) -> tuple[int, int]:
+        """Floats per token of one layer's keys and values (KV heads × key / value head size)."""
+        meta, prefix = self.model.metadata, f"{self.model.arch}.attention."
+        n_head = int(meta[prefix + "head_count"])
+        n_head_kv = int(meta.get(prefix + "head_count_kv", n_head))
+        head_k = int(meta.get(prefix + "key_length", self.model.n_embd // n_head))
+        head_v = int(meta.get(prefix + "value_length", head_k))
+        return n_head_kv * head_k, n_head_kv * head_v
+
+    def get_kv(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per layer, (keys, values) of the sequence as float32 [n_past, width]: each token's row holds
+        its KV heads one after the other, keys after normalisation and RoPE, each head's dimensions
+        in the engine's order (GGUF's: llama-style models pair dimension 2i with 2i+1 for RoPE)."""
+        width_k, width_v = self.kv_widths()
+        data = np.frombuffer(self._native.kv_get(), dtype=self._kv_dtype())
+        n, out, at = self.n_past, [], 0
+        for _ in range(self.model.n_layer):
+            k = data[at:at + n * width_k].reshape(n, width_k)
+            at += n * width_k
+            v = data[at:at + n * width_v].reshape(n, width_v)
+            at += n * width_v
+            out.append((k.astype(np.float32), v.astype(np.float32)))
+        return out
+
+    def set_kv(self, tokens: Sequence[int], layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Replaces the sequence with tokens and their KV rows, laid out as get_kv returns them (the
+        δ-mem memory is kept). Values are rounded to the context's KV type."""
+        ids = _token_list(tokens)
+        width_k, width_v = self.kv_widths()
+        if len(layers) != self.model.n_layer:
+            raise ValueError(f"KV rows for {len(layers)} layers, the model has {self.model.n_layer}")
+        chunks = []
+        for i, (k, v) in enumerate(layers):
+            for name, rows, width in (("keys", k, width_k), ("values", v, width_v)):
+                rows = np.asarray(rows)
+                if rows.shape != (len(ids), width):
+                    raise ValueError(f"layer {i} {name} have shape {rows.shape}, expected {(len(ids), width)}")
+                if not np.all(np.isfinite(rows)):
+                    raise ValueError(f"layer {i} {name} are not all finite")
+                chunks.append(np.ascontiguousarray(rows, dtype=self._kv_dtype()).tobytes())
+        self._native.kv_set(ids, b"".join(chunks))
+
+
+def _effective_ids(ids: Sequence[int] | None) -> list[int] | None:
+    # The δ-mem reference writes token by token when a call has no id >= 0, as when it has no ids.
+    if ids is None or not any(int(i) >= 0 for i in ids):
+        return None
+    return [int(i) for i in ids]
 
 
 def _optional_token(token: int) -> int | None:

@@ -1,70 +1,57 @@
 """Chat sessions whose δ-mem memory persists: across turns, across saves, and past the KV cache.
 
-A session keeps the conversation as messages plus the token ids the model saw for each message's
-content, and assigns the ids δ-mem's segment-mean writes group by, as the reference runtime does:
-system prompt and template glue −1, each user/assistant message its own increasing message id,
-sentence ids inside message contents (split at blank lines and after . ! ? ; : plus optional closing
-quotes/brackets, plus whitespace). Each turn decodes only the tokens the context has not seen.
+A turn writes the memory as the δ-mem reference chat runtime (DeltaMemChatSession.generate_reply)
+does, in the same calls, with the ids of pydeltamem.segments:
+
+1. The prompt (conversation so far, the new user message, the generation prompt) is decoded in one
+   call, as far as the context has not seen it. When it no longer extends what the context holds,
+   context and memory start over and the whole prompt is decoded.
+2. Every generated token but the end token is decoded as its own call, the last one included,
+   under the reply's message id (message_mean) or one sentence id for the whole reply
+   (sentence_mean).
+3. The conversation with the reply is rendered again, and what that adds (the reply's closing
+   tokens, `<|im_end|>\\n` in ChatML) is decoded in one more call under the reply's message id,
+   so the memory holds the whole turn when chat() returns; when the rendering's tokens differ from
+   the generated ones, context and memory start over from the whole conversation.
+
+A call whose ids are all -1 writes token by token (the reference's rule). chat(write=False) makes
+the same calls, reading the memory only (and, unlike the reference, keeps the memory when the
+conversation diverges: only the context starts over).
+
+Beyond the reference: drop_context() and memory=PATH give a memory that holds more than the
+conversation shows. Then the tokens the memory has already seen are decoded again only to rebuild
+the KV cache (reading, not writing), and a conversation that diverges does not wipe the memory.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import threading
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from . import atomic as _atomic
-from . import memory as _memfile
-from .completion import _Request, _sampler_args, chat_prompt, _token_text
+from . import atomic
+from . import memfile
+from .completion import (GenerationSlot, TextStream, chat_segments, check_prompt, max_new_tokens, new_sampler,
+                         reply_segment_id, sampler_args, stop_list)
+from .segments import Segments, with_generation_prompt
+from .snapshot import engine_kv_rows, memory_from_state, read_reference_snapshot
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .model import Context, Model
 
 SESSION_MAGIC = b"DMEMSES1"
-_SENTENCE_END = re.compile(r"[.!?;:][\"'”’»)\]}]*\s+|\n[ \t]*\n\s*")
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")   # stands in for message contents while finding template glue
+SESSION_VERSION = 2
 _CHAT_DEFAULTS = dict(temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0, repeat_penalty=1.0,
                       frequency_penalty=0.0, presence_penalty=0.0, seed=None, logit_bias=None)
 
 
-@dataclass
-class _Message:
-    role: str
-    content: str
-    message_id: int                                    # -1 for the system prompt
-    tokens: list[int] = field(default_factory=list)    # content tokens, as the model saw them
-    sentence_ids: list[int] = field(default_factory=list)
-
-    def public(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-    def to_json(self) -> dict[str, Any]:
-        return {"role": self.role, "content": self.content, "message_id": self.message_id, "tokens": self.tokens,
-                "sentence_ids": self.sentence_ids}
-
-
-def _message_from_json(m: Any, path: str) -> _Message:
-    """A saved message; ValueError naming the file when it is not one."""
-    if not isinstance(m, dict) or set(m) != {"role", "content", "message_id", "tokens", "sentence_ids"}:
-        raise ValueError(f"{path!r} has a corrupted header: a message is {m!r}")
-    return _Message(_memfile.field(m, "role", str, path), _memfile.field(m, "content", str, path),
-                    _memfile.field(m, "message_id", int, path), _memfile.int_list(m, "tokens", path),
-                    _memfile.int_list(m, "sentence_ids", path))
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """[start, end) character spans of the sentences of text; whitespace after an end stays with it."""
-    spans, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        spans.append((start, m.end()))
-        start = m.end()
-    if start < len(text) or not spans:
-        spans.append((start, len(text)))
-    return spans
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class ChatSession:
@@ -79,35 +66,36 @@ class ChatSession:
     def __init__(self, model: "Model", *, system: str | None = None, memory: str | os.PathLike | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None):
         self.model = model
-        self.ctx = model.context(n_ctx=n_ctx, n_threads=n_threads)
-        self._lock = threading.Lock()
-        self._history: list[_Message] = []
-        self._next_message_id = 0
-        self._next_sentence_id = 0
-        # Leading tokens of the conversation whose content is already in the memory; re-decoding them
-        # (to rebuild the KV cache) must read the memory without writing it again.
-        self._written = 0
-        # True once the memory holds more than the context shows (loaded, or the context dropped):
-        # then a diverging history must not wipe the memory.
-        self._memory_only = False
-        if system is not None:
-            self._history.append(self._new_message("system", system))
+        self._slot = GenerationSlot(model.context(n_ctx=n_ctx, n_threads=n_threads))
+        self._granularity = (model.adapter or {}).get("write_granularity")
+        self._messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
+        self._segments: Segments | None = None   # of the last conversation rendered (resumed by the next)
+        # Leading tokens of the conversation that the memory has seen (written, or read by a
+        # read-only turn): decoding them again must not write them again.
+        self._seen = 0
+        # The memory holds more than the conversation shows (loaded, or the context dropped): a
+        # diverging conversation must not wipe it.
+        self._carried = False
         if memory is not None:
             self.ctx.load_memory(memory)
-            self._memory_only = True
+            self._carried = True
 
     # ---- public state ----
     @property
-    def messages(self) -> list[dict[str, str]]:
+    def ctx(self) -> "Context":
+        return self._slot.ctx
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
         """The conversation as [{"role", "content"}, ...] (since the last drop_context or forget)."""
-        return [m.public() for m in self._history]
+        return [dict(m) for m in self._messages]
 
     @property
     def memory(self) -> np.ndarray:
         return self.ctx.memory
 
     def close(self) -> None:
-        self.ctx.close()
+        self._slot.close()
 
     def __enter__(self) -> "ChatSession":
         return self
@@ -117,203 +105,227 @@ class ChatSession:
 
     # ---- turns ----
     def chat(self, text: str, *, stream: bool = False, max_tokens: int | None = None,
-             stop: str | list[str] | None = None, **sampling: Any) -> str | Iterator[str]:
-        """Adds a user message, generates the assistant's answer and returns it (or streams its pieces)."""
+             stop: str | list[str] | None = None, write: bool = True, **sampling: Any) -> str | Iterator[str]:
+        """Adds a user message, generates the assistant's answer and returns it (or streams its pieces).
+        write=False reads the δ-mem memory without writing it (the turn still joins the conversation)."""
         unknown = set(sampling) - set(_CHAT_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))}")
         if not isinstance(text, str):
             raise ValueError("text must be a string")
-        user = self._new_message("user", text)
-        tokens, seg_ids = self._conversation_tokens(self._history + [user], add_generation_prompt=True)
-        request = _Request(self.model, tokens, max_tokens=max_tokens, stop=stop,
-                           stop_tokens=(self.model.token_eot, self.model.token_eos),
-                           sampler_args=_sampler_args(**{**_CHAT_DEFAULTS, **sampling}),
-                           target=(self.ctx, self._lock), prepare=lambda ctx, _: self._prepare(tokens, seg_ids))
+        messages = self._messages + [{"role": "user", "content": text}]
+        history = self._history(messages)
+        prompt = with_generation_prompt(self.model.chat_format, history)
+        check_prompt(self.ctx, prompt.tokens)
+        budget = self._reply_budget(messages, prompt.tokens)
+        stops = stop_list(stop)
+        sampler = new_sampler(sampler_args(**{**_CHAT_DEFAULTS, **sampling}), prompt.tokens)
+
+        def work(ctx: "Context", on_piece) -> str:
+            return self._turn(ctx, messages, history, prompt, min(max_new_tokens(ctx, max_tokens), budget), stops,
+                              sampler, bool(write), on_piece)
+
         if stream:
-            return self._stream(request, user)
-        generated, answer, _ = request.run()
-        self._record_turn(user, generated, answer)
-        return answer
+            return self._stream(self._slot.stream(work))
+        return self._slot.run(work)
 
-    def _stream(self, request: _Request, user: _Message) -> Iterator[str]:
-        for item in request.stream():
-            if isinstance(item, str):
-                if item:
-                    yield item
-            else:
-                generated, answer, _ = item
-                self._record_turn(user, generated, answer)
+    @staticmethod
+    def _stream(stream: TextStream[str]) -> Iterator[str]:
+        with stream:
+            yield from stream
 
-    def _record_turn(self, user: _Message, generated: list[int], answer: str) -> None:
-        self._history.append(user)
-        assistant = self._new_message("assistant", answer, tokens=self._answer_tokens(generated, answer))
-        self._history.append(assistant)
-        # The context now holds the prompt and every generated token but the last; all of it is written.
-        self._written = len(self.ctx.tokens)
+    def _turn(self, ctx: "Context", messages: list[dict[str, Any]], history: Segments, prompt: Segments,
+              max_tokens: int, stops: list[str], sampler, write: bool, on_piece) -> str:
+        self._messages = messages
+        todo, ids = self._bring_up_to(ctx, prompt, write)
+        if not todo:
+            raise RuntimeError("the prompt adds no tokens to the conversation: nothing to generate from")
+        reply_id = reply_segment_id(self.model, history)
+        gen = ctx.generate(todo, sampler, seg_ids=ids, max_tokens=max_tokens, stop=stops,
+                           stop_tokens=self.model.end_of_turn_tokens, write=write, seg_id=reply_id, on_piece=on_piece)
+        if ctx.n_past < len(prompt.tokens) + len(gen.tokens):   # the loop does not decode its last token
+            self._decode(ctx, gen.tokens[-1:], [reply_id], write)
+        self._seen = ctx.n_past
+        self._messages = messages + [{"role": "assistant", "content": gen.text}]
+        todo, ids = self._bring_up_to(ctx, self._history(self._messages), write, keep_last=False)
+        if todo:
+            self._decode(ctx, todo, ids, write)
+        self._seen = ctx.n_past
+        return gen.text
 
-    def _answer_tokens(self, generated: list[int], answer: str) -> list[int]:
-        # The generated ids are what the context saw; when a stop string cut the text they say more
-        # than the answer, and the answer is tokenized afresh (the next turn then re-ingests).
-        if self.model.detokenize(generated) == answer:
-            return list(generated)
-        return self.model.tokenize(answer, add_special=False)
+    def _reply_budget(self, messages: list[dict[str, Any]], prompt: list[int]) -> int:
+        """Tokens the reply may have so that it and the closing tokens after it fit the context."""
+        closed = self.model.chat_format.tokens(messages + [{"role": "assistant", "content": ""}],
+                                               add_generation_prompt=False)
+        budget = self.ctx.n_ctx - len(prompt) - (len(closed) - _common_prefix(closed, prompt))
+        if budget < 1:
+            raise ValueError(f"the conversation fills the context (n_ctx = {self.ctx.n_ctx}): drop_context(), "
+                             "forget(), or a session with a larger n_ctx")
+        return budget
 
-    def _prepare(self, tokens: list[int], seg_ids: list[int] | None) -> tuple[list[int], list[int] | None]:
-        """Brings the context up to all but the new tail of tokens; returns the tail and its ids."""
-        ctx = self.ctx
+    def _history(self, messages: list[dict[str, Any]]) -> Segments:
+        """The segments of messages (without the generation prompt)."""
+        if self.model.adapter is None:   # no memory: only the tokens matter
+            tokens = self.model.chat_format.tokens(messages, add_generation_prompt=False)
+            return Segments(tokens, [-1] * len(tokens), [-1] * len(tokens), [dict(m) for m in messages])
+        self._segments = chat_segments(self.model, messages, cached=self._segments)
+        return self._segments
+
+    def _bring_up_to(self, ctx: "Context", target: Segments, write: bool, keep_last: bool = True):
+        """Makes the context hold a prefix of target's tokens; returns the rest and its ids (at least
+        one token with keep_last, so that the generation has logits to start from)."""
+        ids = target.ids(self._granularity)
         seen = ctx.tokens
-        if seen != tokens[:len(seen)] or len(seen) == len(tokens):
-            ctx.reset()   # the history diverged from what the context holds: re-ingest it
-            if not self._memory_only and self.model.adapter is not None:
+        keep = _common_prefix(seen, target.tokens)
+        if keep < len(seen):   # diverged: start over, as the reference does
+            ctx.reset()
+            keep = 0
+            if write and not self._carried and self.model.adapter is not None:
                 ctx.reset_memory()
-                self._written = 0
-            seen = []
-        start = len(seen)
-        replay_end = max(start, min(self._written, len(tokens) - 1))
-        if replay_end > start:
-            ctx.decode(tokens[start:replay_end], logits="none", write=False)
-        tail_ids = None if seg_ids is None else seg_ids[replay_end:]
-        return tokens[replay_end:], tail_ids
+                self._seen = 0
+        replay = max(keep, min(self._seen, len(target.tokens) - int(keep_last)))
+        if replay > keep:   # what the memory has seen: rebuild its KV rows without writing it again
+            ctx.decode(target.tokens[keep:replay], logits="none", write=False)
+        return target.tokens[replay:], None if ids is None else ids[replay:]
+
+    def _decode(self, ctx: "Context", tokens: list[int], ids: list[int] | None, write: bool) -> None:
+        """ids: the granularity's effective ids (Segments.ids). Context.decode takes sentence ids as the
+        official module does, beside message ids that mark the tokens inside a message (>= 0)."""
+        if ids is None or self._granularity not in ("message_mean", "sentence_mean"):
+            ctx.decode(tokens, logits="none", write=write)
+        elif self._granularity == "message_mean":
+            ctx.decode(tokens, logits="none", write=write, message_ids=ids)
+        else:
+            ctx.decode(tokens, logits="none", write=write, message_ids=[0 if i >= 0 else -1 for i in ids],
+                       sentence_ids=ids)
 
     # ---- memory control ----
     def drop_context(self) -> None:
         """Discards the KV cache and the message history but keeps the δ-mem memory: later turns see
         the earlier conversation only through the memory."""
         self._require_adapter("drop_context")
-        with self._lock:
-            self.ctx.reset()
-            self._history = [m for m in self._history if m.role == "system"]
-            system_tokens, _ = self._conversation_tokens(self._history, add_generation_prompt=False)
-            self._written = len(system_tokens) if self._history else 0
-            self._memory_only = True
+        with self._slot.hold() as ctx:
+            ctx.reset()
+            self._messages = [m for m in self._messages if m["role"] == "system"]
+            self._seen = len(self._history(self._messages).tokens) if self._messages else 0
+            self._carried = True
 
     def forget(self) -> None:
         """Clears the memory and the conversation (the system prompt stays)."""
-        with self._lock:
-            self.ctx.reset()
+        with self._slot.hold() as ctx:
+            ctx.reset()
             if self.model.adapter is not None:
-                self.ctx.reset_memory()
-            self._history = [m for m in self._history if m.role == "system"]
-            self._written = 0
-            self._memory_only = False
+                ctx.reset_memory()
+            self._messages = [m for m in self._messages if m["role"] == "system"]
+            self._seen = 0
+            self._carried = False
 
     def memory_norms(self) -> list[float]:
         """Frobenius norm of each targeted layer's state (all heads together)."""
         self._require_adapter("memory_norms")
-        mem = self.ctx.memory
-        return [float(np.linalg.norm(layer)) for layer in mem]
+        return [float(np.linalg.norm(layer)) for layer in self.ctx.memory]
 
     def _require_adapter(self, what: str) -> None:
         if self.model.adapter is None:
             raise ValueError(f"{what} needs a model with a δ-mem adapter")
 
     # ---- persistence ----
+    def _model_info(self) -> dict[str, Any]:
+        return {"arch": self.model.arch, "n_layer": self.model.n_layer, "n_vocab": self.model.n_vocab}
+
     def save(self, path: str | os.PathLike, *, include_state: bool = False) -> None:
         """Writes messages and memory (and, with include_state, the KV cache) to one file, atomically."""
-        with self._lock:
+        with self._slot.hold() as ctx:
             adapter = self.model.adapter
-            header = {"version": 1, "messages": [m.to_json() for m in self._history],
-                      "next_message_id": self._next_message_id, "next_sentence_id": self._next_sentence_id,
-                      "written": self._written, "memory_only": self._memory_only,
-                      "adapter": None if adapter is None else adapter["fingerprint"],
-                      "model": {"arch": self.model.arch, "n_layer": self.model.n_layer, "n_vocab": self.model.n_vocab},
-                      "include_state": include_state}
-            payload = [self.ctx.memory.astype("<f4").tobytes() if adapter is not None else b""]
+            payload = [ctx.memory.astype("<f4").tobytes() if adapter is not None else b""]
             if include_state:
-                state = b"".join(self.ctx._state_chunks())
-                header["state_bytes"] = len(state)
-                payload.append(state)
-            header["memory_bytes"] = len(payload[0])
-            _atomic.write_bytes(path, _memfile.pack(SESSION_MAGIC, header, payload))
+                payload.append(ctx.get_state())
+            header = {"version": SESSION_VERSION, "messages": self._messages, "seen": self._seen,
+                      "carried": self._carried, "adapter": None if adapter is None else adapter["fingerprint"],
+                      "model": self._model_info(), "include_state": include_state,
+                      "memory_bytes": len(payload[0]), "state_bytes": len(payload[1]) if include_state else 0}
+            atomic.write_bytes(path, memfile.pack(SESSION_MAGIC, header, payload))
 
     @classmethod
     def load(cls, model: "Model", path: str | os.PathLike, **ctx_kwargs: Any) -> "ChatSession":
+        """A session written by save (or by version 1 of the format)."""
         path = os.fspath(path)
-        header, payload = _memfile.unpack(path, SESSION_MAGIC, "session")
+        header, payload = memfile.unpack(path, SESSION_MAGIC, "session")
         adapter = model.adapter
-        if header.get("adapter") != (None if adapter is None else adapter["fingerprint"]):
-            raise ValueError(f"{path!r} is a session of another adapter (fingerprint {header.get('adapter')!r})")
-        saved_model = _memfile.field(header, "model", dict, path)
-        if saved_model.get("n_vocab") != model.n_vocab or saved_model.get("arch") != model.arch:
-            raise ValueError(f"{path!r} is a session of another model ({saved_model})")
-        messages = [_message_from_json(m, path) for m in _memfile.field(header, "messages", list, path)]
-        next_ids = [_memfile.field(header, key, int, path) for key in ("next_message_id", "next_sentence_id")]
-        n_mem = _memfile.field(header, "memory_bytes", int, path, default=0)
-        state_bytes = _memfile.field(header, "state_bytes", int, path) if header.get("include_state") else None
-        written = _memfile.field(header, "written", int, path)
-        memory_only = _memfile.field(header, "memory_only", bool, path)
+        fields = _session_fields(header, path)
+        if fields["adapter"] != (None if adapter is None else adapter["fingerprint"]):
+            raise ValueError(f"{path!r} is a session of another adapter (fingerprint {fields['adapter']!r})")
+        if fields["model"].get("arch") != model.arch or fields["model"].get("n_vocab") != model.n_vocab:
+            raise ValueError(f"{path!r} is a session of another model ({fields['model']})")
         session = cls(model, **ctx_kwargs)
-        session._history = messages
-        session._next_message_id, session._next_sentence_id = next_ids
+        n_mem = fields["memory_bytes"]
         if adapter is not None:
-            session.ctx.memory = _memfile.floats(payload[:n_mem], int(np.prod(session.ctx.memory_shape)), path,
-                                                 "memory").reshape(session.ctx.memory_shape)
-        if state_bytes is not None:
-            session.ctx._load_state_bytes(bytes(payload[n_mem:n_mem + state_bytes]), path)
-        session._written = written
-        session._memory_only = memory_only or adapter is not None
+            shape = session.ctx.memory_shape
+            session.ctx.memory = memfile.floats(payload[:n_mem], int(np.prod(shape)), path, "memory").reshape(shape)
+        if fields["include_state"]:
+            session.ctx.set_state(bytes(payload[n_mem:n_mem + fields["state_bytes"]]), path)
+        session._messages = fields["messages"]
+        session._seen = fields["seen"]
+        session._carried = fields["carried"]
         return session
 
-    # ---- tokens and ids ----
-    def _new_message(self, role: str, content: str, tokens: list[int] | None = None) -> _Message:
-        if role == "system":
-            message_id = -1
-        else:
-            message_id = self._next_message_id
-            self._next_message_id += 1
-        if tokens is None:
-            tokens = self.model.tokenize(content, add_special=False) if content else []
-        sentence_ids = self._sentence_ids(tokens) if role != "system" else [-1] * len(tokens)
-        return _Message(role, content, message_id, list(tokens), sentence_ids)
-
-    def _sentence_ids(self, tokens: list[int]) -> list[int]:
-        """Each token joins the sentence its last character falls in (sentences of the decoded text)."""
-        pieces = [self.model.detokenize([t]) for t in tokens]
-        text = "".join(pieces)
-        spans = sentence_spans(text)
-        ids, pos, span = [], 0, 0
-        for piece in pieces:
-            pos += len(piece)
-            while span + 1 < len(spans) and pos > spans[span][1]:
-                span += 1
-            ids.append(self._next_sentence_id + span)
-        self._next_sentence_id += len(spans)
-        return ids
-
-    def _conversation_tokens(self, history: list[_Message], add_generation_prompt: bool) -> tuple[list[int], list[int] | None]:
-        """The conversation's tokens, rendered by the chat template, and the δ-mem ids the adapter uses."""
-        placeholders = [{"role": m.role, "content": f"\ue000{i}\ue001"} for i, m in enumerate(history)]
-        rendered = chat_prompt(self.model, placeholders, add_generation_prompt=add_generation_prompt)
-        bos = _token_text(self.model, self.model.token_bos)
-        tokens: list[int] = []
-        message_ids: list[int] = []
-        sentence_ids: list[int] = []
-        pos = 0
-        for m in _SENTINEL.finditer(rendered):
-            self._append_glue(rendered[pos:m.start()], tokens, message_ids, sentence_ids, first=not tokens and pos == 0, bos=bos)
-            msg = history[int(m.group(1))]
-            tokens += msg.tokens
-            message_ids += [msg.message_id] * len(msg.tokens)
-            sentence_ids += msg.sentence_ids
-            pos = m.end()
-        self._append_glue(rendered[pos:], tokens, message_ids, sentence_ids, first=not tokens and pos == 0, bos=bos)
-        granularity = (self.model.adapter or {}).get("write_granularity")
-        return tokens, {"message_mean": message_ids, "sentence_mean": sentence_ids}.get(granularity)
-
-    def _append_glue(self, glue: str, tokens: list[int], message_ids: list[int], sentence_ids: list[int], *,
-                     first: bool, bos: str) -> None:
-        # Templates that write the BOS text themselves must not get a second one from the tokenizer.
-        add_bos = first and not (bos and glue.startswith(bos))
-        if not glue and not add_bos:
-            return
-        ids = self.model.tokenize(glue, add_special=add_bos, parse_special=True)
-        tokens += ids
-        message_ids += [-1] * len(ids)
-        sentence_ids += [-1] * len(ids)
+    @classmethod
+    def from_reference_snapshot(cls, model: "Model", folder: str | os.PathLike, **ctx_kwargs: Any) -> "ChatSession":
+        """A session continuing a snapshot folder of the δ-mem reference runtime
+        (DeltaMemChatSession.save_snapshot): its messages, memory and KV cache. A snapshot of another
+        model or adapter is a ValueError."""
+        adapter = model.adapter
+        if adapter is None:
+            raise ValueError("a δ-mem session snapshot needs a model with a δ-mem adapter")
+        where = os.fspath(folder)
+        snap = read_reference_snapshot(folder)
+        session = cls(model, **ctx_kwargs)
+        history = session._history(snap.messages) if snap.messages else Segments()
+        if history.tokens != snap.tokens:
+            at = _common_prefix(history.tokens, snap.tokens)
+            raise ValueError(f"{where}: the snapshot's tokens are not this model's chat template of its messages "
+                             f"(they differ from token {at} on): a snapshot of another model or tokenizer")
+        if len(snap.tokens) > session.ctx.n_ctx:
+            raise ValueError(f"{where}: the conversation has {len(snap.tokens)} tokens, more than the context holds "
+                             f"(n_ctx = {session.ctx.n_ctx})")
+        session.ctx.memory = memory_from_state(snap.state, adapter["target_layers"], session.ctx.memory_shape, where)
+        if snap.kv is not None:
+            if len(snap.kv) != model.n_layer or any(k.shape[1] != len(snap.tokens) for k, _ in snap.kv):
+                raise ValueError(f"{where}: the KV cache has {len(snap.kv)} layers of "
+                                 f"{sorted({k.shape[1] for k, _ in snap.kv})} tokens, expected {model.n_layer} layers "
+                                 f"of {len(snap.tokens)} (a snapshot of another model)")
+            try:
+                session.ctx.set_kv(snap.tokens, engine_kv_rows(snap.kv, model.arch))
+            except ValueError as e:
+                raise ValueError(f"{where}: the KV cache does not fit this model ({e})") from None
+        session._messages = snap.messages
+        session._seen = len(snap.tokens)   # without a KV cache, the tokens are decoded again by reading
+        return session
 
 
-def session_file_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a session file (for tools)."""
-    header, _ = _memfile.unpack(path, SESSION_MAGIC, "session")
-    return json.loads(json.dumps(header))
+def _session_fields(header: Any, path: str) -> dict[str, Any]:
+    """The fields of a session file's header, checked (version 1 named two of them differently)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path!r} has a corrupted session header ({what})")
+
+    if not isinstance(header, dict):
+        raise bad("not an object")
+    messages = header.get("messages")
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise bad("messages")
+    fields = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+              "seen": header.get("seen", header.get("written")), "carried": header.get("carried", header.get("memory_only")),
+              "adapter": header.get("adapter"), "model": header.get("model"),
+              "include_state": header.get("include_state"), "memory_bytes": header.get("memory_bytes", 0),
+              "state_bytes": header.get("state_bytes", 0)}
+    for key in ("seen", "memory_bytes", "state_bytes"):
+        if not isinstance(fields[key], int) or isinstance(fields[key], bool) or fields[key] < 0:
+            raise bad(key)
+    for key in ("carried", "include_state"):
+        if not isinstance(fields[key], bool):
+            raise bad(key)
+    if not isinstance(fields["model"], dict) or not (fields["adapter"] is None or isinstance(fields["adapter"], str)):
+        raise bad("model or adapter")
+    return fields

@@ -8,7 +8,6 @@ import pytest
 
 import pydeltamem
 from pydeltamem.chat_template import CHATML_TEMPLATE, ChatTemplateError, model_chat_template, render_chat
-from pydeltamem.completion import chat_prompt
 from pydeltamem.defaults import default_model_path
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -24,12 +23,12 @@ def model():
 
 def test_smollm2_template_renders_like_hugging_face(model):
     # SmolLM2's template adds its default system prompt when the conversation has none.
-    assert chat_prompt(model, QUESTION) == (
+    assert model.apply_chat_template(QUESTION) == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
         "<|im_start|>assistant\n")
     with_system = [{"role": "system", "content": "Be brief."}] + QUESTION
-    assert chat_prompt(model, with_system, add_generation_prompt=False) == (
+    assert model.apply_chat_template(with_system, add_generation_prompt=False) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n")
 
@@ -84,7 +83,7 @@ def test_chat_completion_has_the_openai_shape(model):
     assert choice["message"]["role"] == "assistant"
     assert choice["message"]["content"].strip()
     usage = out["usage"]
-    assert usage["prompt_tokens"] == len(model.tokenize(chat_prompt(model, QUESTION), parse_special=True))
+    assert usage["prompt_tokens"] == len(model.tokenize(model.apply_chat_template(QUESTION), parse_special=True))
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -127,9 +126,9 @@ def test_a_growing_conversation_decodes_only_its_new_tokens(model, decoded_promp
     assert decoded[1] <= n_second_prompt - n_first + 2
     assert decoded[1] < n_second_prompt // 2
 
-    # Reuse does not change the answer: a fresh context says the same.
-    model.__dict__.pop("_generation")
-    fresh = model.create_chat_completion(conversation, max_tokens=12, temperature=0)
+    # Reuse does not change the answer: a fresh model says the same.
+    with pydeltamem.Model(default_model_path(), n_ctx=512, n_threads=1) as other:
+        fresh = other.create_chat_completion(conversation, max_tokens=12, temperature=0)
     assert decoded[2] == n_second_prompt
     assert fresh["choices"][0]["message"] == second["choices"][0]["message"]
 
@@ -139,3 +138,62 @@ def test_token_properties(model):
     assert model.detokenize([model.token_eot], special=True) == "<|im_end|>"
     assert model.detokenize([model.token_eot]) == ""   # control tokens are hidden by default
     assert model.tokenize("<|im_end|>", add_special=False, parse_special=True) == [model.token_eot]
+
+
+# ---- the reference runtime's rendering: thinking switch, generation tags, content parts -------------
+
+# The part of Qwen3's hybrid template that the switch changes, written here: thinking models open a
+# reasoning block themselves unless the prompt closes an empty one.
+HYBRID_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_checkpoint("qwen3-untied"))
+
+
+@pytest.mark.parametrize("name, thinking", [
+    ("Qwen3-4B", False), ("Qwen3 8B", False), ("Qwen3-4B-Instruct-2507", None), ("Qwen3-4B-Thinking-2507", None),
+    ("SmolLM3-3B", False), ("SmolLM2-135M-Instruct", None), ("Llama 3.2 1B", None)])
+def test_hybrid_thinking_models_render_as_the_reference_does(hf_tokenizer, name, thinking):
+    from pydeltamem.chat_template import ChatFormat, thinking_override
+
+    assert thinking_override({"general.name": name}) is thinking
+    fmt = ChatFormat(HYBRID_TEMPLATE, bos_token="", eos_token="", tokenize=lambda text, add: [],
+                     enable_thinking=thinking_override({"general.name": name}))
+    options = {} if thinking is None else {"enable_thinking": thinking}
+    expected = hf_tokenizer.apply_chat_template(QUESTION, chat_template=HYBRID_TEMPLATE, tokenize=False,
+                                                add_generation_prompt=True, **options)
+    assert fmt.render(QUESTION) == expected
+    assert ("<think>" in expected) is (thinking is False)
+
+
+def test_generation_tags_render_what_they_enclose(hf_tokenizer):
+    # SmolLM3's templates wrap assistant turns in {% generation %} for training masks.
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}<a>{{ m['content'] }}</a>"
+                "{% endgeneration %}{% else %}<u>{{ m['content'] }}</u>{% endif %}{% endfor %}")
+    messages = QUESTION + [{"role": "assistant", "content": "Paris."}]
+    expected = hf_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert render_chat(template, messages) == expected == "<u>What is the capital of France?</u><a>Paris.</a>"
+
+
+def test_openai_content_forms(model):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                          {"type": "text", "text": "of France?"}]},
+             {"role": "assistant", "content": None}]
+    assert render_chat(CHATML_TEMPLATE, parts, add_generation_prompt=False) == (
+        "<|im_start|>user\nWhat is the capital\nof France?<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
+    by_parts = model.create_chat_completion(parts[:1], max_tokens=8, temperature=0)
+    by_text = model.create_chat_completion([{"role": "user", "content": "What is the capital\nof France?"}],
+                                           max_tokens=8, temperature=0)
+    assert by_parts["choices"][0]["message"] == by_text["choices"][0]["message"]
+    with pytest.raises(ValueError, match="text content parts"):
+        model.create_chat_completion([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    with pytest.raises(ValueError, match="content must be"):
+        model.create_chat_completion([{"role": "user", "content": 5}])

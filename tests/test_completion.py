@@ -157,6 +157,20 @@ def test_abandoned_stream_stops_and_frees_the_model(model):
     assert complete(model, max_tokens=6)["choices"][0]["text"].startswith(" Paris")
 
 
+def test_an_unread_stream_gives_the_model_up(model):
+    """A stream nobody reads (but that is still referenced) pauses once STREAM_BUFFER pieces wait;
+    the next completion then ends it instead of waiting for the whole generation."""
+    from pydeltamem.completion import STREAM_BUFFER
+
+    endless = {t: float("-inf") for t in (model.token_eos, model.token_eot) if t is not None}
+    stream = model.create_completion(PROMPT, max_tokens=None, temperature=0, stream=True, logit_bias=endless)
+    next(stream)
+    assert complete(model, max_tokens=6)["choices"][0]["text"].startswith(" Paris")
+    rest = list(stream)   # what it had made before it was ended, then its end
+    assert rest[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len(rest) <= STREAM_BUFFER + 2 < model.n_ctx // 2
+
+
 def test_repeating_a_prompt_decodes_only_its_last_token(model, decoded_prompt_lengths):
     decoded = decoded_prompt_lengths
     first = complete(model, "Once upon a time, in a land far away,", max_tokens=8)

@@ -1,4 +1,5 @@
-"""Chat sessions with δ-mem memory: ids, prefix reuse, persistence, memory-only continuation."""
+"""Chat sessions with δ-mem memory: sentence pieces, prefix reuse, persistence, memory-only continuation.
+(What a session writes, call by call, against the reference runtime: test_session_fidelity.py.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import pydeltamem
 from dmem_fixtures import VARIANTS, make_adapter, write_adapter
 from pydeltamem.convert.adapter import convert_adapter
-from pydeltamem.session import sentence_spans
+from pydeltamem.segments import sentence_pieces
 
 GREEDY = {"temperature": 0.0}
 
@@ -29,11 +30,13 @@ def adapted(tiny_gguf, tiny_reference, tmp_path_factory):
     return get
 
 
-def test_sentence_spans_split_after_enders_and_blank_lines():
+def test_sentence_pieces_cut_where_each_boundary_starts():
+    # The reference's rule: a boundary is a blank line, or whitespace after . ! ? ; : (closing
+    # quotes or brackets included); the cut is at its start, so it opens the next piece.
     text = 'He said "Hi." Then left! Why? Because: reasons\n\nNew para'
-    pieces = [text[a:b] for a, b in sentence_spans(text)]
-    assert pieces == ['He said "Hi." ', "Then left! ", "Why? ", "Because: ", "reasons\n\n", "New para"]
-    assert "".join(pieces) == text
+    assert sentence_pieces(text) == ['He said "Hi.', '" Then left!', " Why?", " Because:", " reasons", "\n\nNew para"]
+    assert sentence_pieces("\n\nstarts blank. ") == ["\n\nstarts blank.", " "]
+    assert sentence_pieces("") == [""] and sentence_pieces("no boundary") == ["no boundary"]
 
 
 def test_turns_decode_only_new_tokens_and_write_memory(adapted):
@@ -49,35 +52,13 @@ def test_turns_decode_only_new_tokens_and_write_memory(adapted):
         assert not np.array_equal(s.memory, mem_first)
         assert [msg["role"] for msg in s.messages] == ["system", "user", "assistant", "user", "assistant"]
 
-        # The same conversation replayed from scratch in one prefill reaches the same memory: the
-        # incremental turns wrote each token exactly once.
-        tokens, _ = s._conversation_tokens(s._history, add_generation_prompt=False)
-        fresh = m.context()
-        fresh.decode(tokens[: s.ctx.n_past], logits="none")
+        # The same conversation replayed from scratch in one prefill reaches the same memory when
+        # the context holds it as the template renders it: the turns wrote each token exactly once.
+        tokens = m.chat_format.tokens(s.messages, add_generation_prompt=False)
+        assert s.ctx.tokens == tokens
+        fresh = m.context(kv_type="f32")
+        fresh.decode(tokens, logits="none")
         np.testing.assert_allclose(fresh.memory, s.memory, rtol=1e-4, atol=1e-5)
-
-
-def test_message_ids_follow_the_reference_convention(adapted):
-    gguf_path, adapter = adapted("message_mean")
-    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=512) as m:
-        s = m.session(system="sys")
-        s.chat("first message. second sentence.", max_tokens=3, **GREEDY)
-        tokens, ids = s._conversation_tokens(s._history, add_generation_prompt=False)
-        assert ids is not None and len(ids) == len(tokens)
-        system, user, assistant = s._history
-        assert set(ids) == {-1, user.message_id, assistant.message_id}
-        assert user.message_id == 0 and assistant.message_id == 1
-        assert ids.count(user.message_id) == len(user.tokens)
-
-
-def test_sentence_ids_inside_messages(adapted):
-    gguf_path, adapter = adapted("sentence_mean")
-    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=512) as m:
-        s = m.session()
-        s.chat("one two. three four! five", max_tokens=2, **GREEDY)
-        user = s._history[0]
-        assert sorted(set(user.sentence_ids)) == [0, 1, 2]
-        assert user.sentence_ids == sorted(user.sentence_ids)
 
 
 def test_save_load_and_drop_context(adapted, tmp_path):
@@ -108,7 +89,9 @@ def test_save_load_and_drop_context(adapted, tmp_path):
         assert np.array_equal(s.memory, mem)
         assert [msg["role"] for msg in s.messages] == ["system"]
         s.chat("what number?", max_tokens=3, **GREEDY)
-        assert s.ctx.n_past < 40   # only the system prompt and the new turn are in the context
+        # Only the system prompt and the new turn are in the context.
+        assert [msg["role"] for msg in s.messages] == ["system", "user", "assistant"]
+        assert s.ctx.tokens == m.chat_format.tokens(s.messages, add_generation_prompt=False)
 
         s.forget()
         assert not np.any(s.memory) and s.ctx.n_past == 0
@@ -156,3 +139,24 @@ def test_cli_chat_with_adapter_commands(adapted, tmp_path):
     assert "(context dropped; the memory is kept)" in run.stderr
     assert "(session loaded from" in run.stderr
     assert len(run.stdout.splitlines()) == 2   # the two answers, nothing else
+
+
+def test_completions_can_read_the_memory_without_writing_it(adapted):
+    gguf_path, adapter = adapted("released")
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=256) as m:
+        m("hello there. how are you?", max_tokens=3, **GREEDY)
+        shared = m._shared.ctx   # the context completions share
+        written = shared.memory.copy()
+        assert np.abs(written).max() > 0
+        n_before = shared.n_past
+        m(shared.tokens + m.tokenize(" more", add_special=False), max_tokens=3, write=False, **GREEDY)   # extends
+        assert shared.n_past > n_before and np.array_equal(shared.memory, written)
+        m("something else entirely", max_tokens=3, write=False, **GREEDY)   # diverges: the memory stays
+        assert np.array_equal(shared.memory, written)
+        m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=3, write=False, **GREEDY)
+        assert np.array_equal(shared.memory, written)
+        chunks = list(m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=3, write=False,
+                                               stream=True, **GREEDY))
+        assert chunks and np.array_equal(shared.memory, written)
+        m("something else entirely", max_tokens=3, **GREEDY)   # a writing completion that diverges starts over
+        assert not np.array_equal(shared.memory, written)

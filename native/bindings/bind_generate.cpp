@@ -38,12 +38,18 @@ bool forward_piece(const char * text, size_t len, void * user_data) {
 py::tuple generate(ContextHandle & ctx, SamplerHandle & sampler, const std::vector<dm_token> & prompt,
                    const py::handle & max_tokens, const std::vector<std::string> & stop,
                    const std::vector<dm_token> & stop_tokens, py::object on_piece,
-                   const std::optional<std::vector<int32_t>> & seg_ids) {
+                   const std::optional<std::vector<int32_t>> & seg_ids, bool write, const py::handle & seg_id) {
     if (seg_ids && seg_ids->size() != prompt.size()) throw py::value_error("seg_ids must have one id per prompt token");
     std::vector<const char *> stop_c;
     for (const std::string & s : stop) stop_c.push_back(s.c_str());
-    dm_generate_params params{int32_arg(max_tokens, "max_tokens"), stop_c.data(), static_cast<int32_t>(stop_c.size()),
-                              stop_tokens.data(), static_cast<int32_t>(stop_tokens.size())};
+    dm_generate_params params = dm_generate_default_params();
+    params.max_tokens = int32_arg(max_tokens, "max_tokens");
+    params.stop = stop_c.data();
+    params.n_stop = static_cast<int32_t>(stop_c.size());
+    params.stop_tokens = stop_tokens.data();
+    params.n_stop_tokens = static_cast<int32_t>(stop_tokens.size());
+    params.write = write;
+    params.seg_id = int32_arg(seg_id, "seg_id");
     ContextHandle::use ctx_use(ctx);
     SamplerHandle::use sampler_use(sampler);
     std::unique_ptr<dm_generator, generator_deleter> gen(dm_generator_new(ctx_use.object, sampler_use.object, params));
@@ -72,7 +78,8 @@ py::tuple generate(ContextHandle & ctx, SamplerHandle & sampler, const std::vect
 void bind_generate(py::module_ & m) {
     m.def("generate", &generate, py::arg("ctx"), py::arg("sampler"), py::arg("prompt"), py::arg("max_tokens"),
           py::arg("stop"), py::arg("stop_tokens"), py::arg("on_piece") = py::none(),
-          py::arg("seg_ids") = py::none(),
+          py::arg("seg_ids") = py::none(), py::arg("write") = true, py::arg("seg_id") = -1,
           "Decodes prompt, then samples up to max_tokens tokens in C++. on_piece(bytes) -> bool|None is "
-          "called with each final piece of text (return False to stop). Returns (tokens, text_bytes, finish).");
+          "called with each final piece of text (return False to stop). write=False only reads the δ-mem "
+          "memory; seg_id is each generated token's segment id (-1: token writes). Returns (tokens, text_bytes, finish).");
 }

@@ -39,7 +39,8 @@ int main(int argc, char ** argv) {
     sparams.temperature = 0.0f;   /* greedy */
     dm_sampler * sampler = dm_sampler_new(sparams);
 
-    struct dm_generate_params gparams = {n_generate, NULL, 0, NULL, 0};
+    struct dm_generate_params gparams = dm_generate_default_params();
+    gparams.max_tokens = n_generate;
     dm_generator * gen = dm_generator_new(ctx, sampler, gparams);
     if (!gen || dm_generator_run(gen, prompt, n_prompt, NULL, NULL, NULL) != 0) return fail("generate");
 

@@ -144,14 +144,20 @@ struct dm_generate_params {
     int32_t              n_stop;
     const dm_token *     stop_tokens;    // extra end tokens (the model's end-of-generation tokens always stop)
     int32_t              n_stop_tokens;
+    bool                 write;          // false: the prompt and the generated tokens read the δ-mem memory only
+    int32_t              seg_id;         // δ-mem segment id of each generated token (a segment-mean adapter's
+                                         // message or sentence id of the reply); -1: none, token writes
 };
+// 16 tokens, no stop strings or extra end tokens, write = true, seg_id = -1.
+struct dm_generate_params dm_generate_default_params(void);
 
 // The generator borrows ctx and sampler; free it before them.
 dm_generator * dm_generator_new (dm_context * ctx, dm_sampler * sampler, struct dm_generate_params params);
 void           dm_generator_free(dm_generator * gen);
 // Decodes prompt (n_prompt >= 1; prompt_seg_ids: NULL or its δ-mem segment ids, see dm_decode_ext)
-// and generates; each generated token is its own δ-mem write. emit may be NULL. Returns 0, or -1 on
-// error. The last sampled token is not decoded: the context holds prompt + all generated tokens but the last.
+// and generates; each generated token is decoded as its own call (see params.write, params.seg_id). emit may be
+// NULL. Returns 0, or -1 on error. The last sampled token is not decoded: the context holds prompt + all
+// generated tokens but the last.
 int32_t        dm_generator_run (dm_generator * gen, const dm_token * prompt, int32_t n_prompt,
                                  const int32_t * prompt_seg_ids, dm_text_callback emit, void * user_data);
 // Results of the last run (NULL with *n_tokens / *len = 0, or DM_FINISH_LENGTH, for a NULL gen).

@@ -4,6 +4,14 @@
 #include "common/error.h"
 #include "generate/generator.h"
 
+dm_generate_params dm_generate_default_params() {
+    dm_generate_params p{};
+    p.max_tokens = 16;
+    p.write = true;
+    p.seg_id = -1;
+    return p;
+}
+
 // Checks a (pointer, count) pair of the caller.
 static void check_array(const void * items, int32_t n, const char * what) {
     if (n < 0) dm::fail("generator: %s count is negative (%d)", what, n);
@@ -24,6 +32,8 @@ dm_generator * dm_generator_new(dm_context * ctx, dm_sampler * sampler, dm_gener
             if (params.stop[i] && params.stop[i][0]) gen->stop_strings.emplace_back(params.stop[i]);
         }
         gen->stop_tokens.assign(params.stop_tokens, params.stop_tokens + params.n_stop_tokens);
+        gen->write = params.write;
+        gen->seg_id = params.seg_id;
         return gen;
     });
 }

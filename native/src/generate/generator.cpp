@@ -80,7 +80,8 @@ void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t 
     const int32_t n_vocab = ctx->model->hp.n_vocab;
     std::vector<float> logits(static_cast<size_t>(n_vocab));
 
-    ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data(), prompt_seg_ids);
+    ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data(), prompt_seg_ids, write);
+    const int32_t * token_seg_ids = seg_id >= 0 ? &seg_id : nullptr;
     for (int32_t i = 0; i < max_tokens; ++i) {
         const dm_token t = sampler->sample(logits.data(), n_vocab);
         if (is_end_token(t)) {
@@ -98,7 +99,7 @@ void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t 
         }
         if (i + 1 == max_tokens) break;   // the last token needs no forward pass
         if (ctx->n_past() >= ctx->params.n_ctx) break;   // the context is full: a "length" finish
-        ctx->decode(&t, 1, DM_LOGITS_LAST, logits.data());
+        ctx->decode(&t, 1, DM_LOGITS_LAST, logits.data(), token_seg_ids, write);
     }
     emit_upto(text.size(), emit, user_data);
 }

@@ -13,6 +13,8 @@ struct dm_generator {
     int32_t      max_tokens = 16;
     std::vector<std::string> stop_strings;   // generation ends before the first occurrence of any
     std::vector<dm_token>    stop_tokens;    // extra end tokens besides the model's end-of-generation ones
+    bool                     write = true;   // false: read the δ-mem memory without writing it
+    int32_t                  seg_id = -1;    // δ-mem segment id of each generated token (-1: token writes)
 
     // Results of the last run.
     std::vector<dm_token> tokens;   // sampled tokens, the stopping end token excluded
