@@ -4,7 +4,7 @@ import os as _os
 
 try:
     from . import _core
-except ImportError as _e:
+except ImportError:
     _here = _os.path.dirname(_os.path.abspath(__file__))
     if not _glob.glob(_os.path.join(_here, "_core*")):
         raise ImportError(
@@ -14,8 +14,9 @@ except ImportError as _e:
             "with `pip install -e .`") from None
     raise
 from .model import Context, Model
+from .sampling import SamplingParams
 
-__all__ = ["Model", "Context", "get_include", "get_lib_dir", "system_info"]
+__all__ = ["Model", "Context", "SamplingParams", "get_include", "get_lib_dir", "system_info"]
 __version__ = "0.1.0"
 
 

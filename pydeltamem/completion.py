@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 
-from . import _core
+from .sampling import SamplingParams, new_sampler
 from .segments import Segments, segments_for, with_generation_prompt
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 OnPiece = Callable[[bytes], bool]
-
-PENALTY_LAST_N = 64
 
 # Pieces a stream holds unread before its generation pauses. A paused stream gives its context up
 # to the next generation that asks for it: a reader that fell this far behind (or dropped the
@@ -185,27 +183,6 @@ def stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return [s for s in stop if s]
 
 
-def sampler_args(*, temperature: float, top_p: float, top_k: int, min_p: float, typical_p: float,
-                 repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
-                 seed: int | None, logit_bias: Mapping[int | str, float] | None) -> dict[str, Any]:
-    """The sampling arguments of a request as the native Sampler takes them."""
-    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                presence_penalty=presence_penalty, penalty_last_n=PENALTY_LAST_N,
-                seed=None if seed is None or seed < 0 else seed & 0xFFFFFFFF,
-                # OpenAI sends token ids as JSON object keys, i.e. strings.
-                logit_bias=None if not logit_bias else {int(k): float(v) for k, v in logit_bias.items()})
-
-
-def new_sampler(args: dict[str, Any], history: Sequence[int]) -> "_core.Sampler":
-    """A sampler (bad values fail here, before any work starts) that has seen the prompt: penalties
-    look at the prompt too, as in llama.cpp."""
-    sampler = _core.Sampler(**args)
-    for t in history[-PENALTY_LAST_N:]:
-        sampler.accept(t)
-    return sampler
-
-
 def max_new_tokens(ctx: "Context", max_tokens: int | None) -> int:
     """None or <= 0: until an end token or a full context (the C++ loop stops there, so no more than
     n_ctx tokens are ever generated)."""
@@ -243,7 +220,7 @@ def _usage(n_prompt: int, n_completion: int) -> dict[str, int]:
 # ---- text completion --------------------------------------------------------------------------------
 
 def create_completion(model: "Model", slot: GenerationSlot, prompt_tokens: list[int], *, max_tokens: int | None,
-                      stop: str | Sequence[str] | None, sampling: dict[str, Any], stream: bool,
+                      stop: str | Sequence[str] | None, sampling: SamplingParams, stream: bool,
                       write: bool) -> dict | Iterator[dict]:
     """See Model.create_completion (the prompt already tokenized; slot: the model's shared context)."""
     check_prompt(slot.ctx, prompt_tokens)
@@ -293,7 +270,7 @@ def reply_segment_id(model: "Model", history: Segments) -> int:
 
 
 def create_chat_completion(model: "Model", slot: GenerationSlot, messages: Sequence[Mapping[str, Any]], *,
-                           max_tokens: int | None, stop: str | Sequence[str] | None, sampling: dict[str, Any],
+                           max_tokens: int | None, stop: str | Sequence[str] | None, sampling: SamplingParams,
                            stream: bool, write: bool) -> dict | Iterator[dict]:
     """See Model.create_chat_completion (slot: the model's shared context)."""
     granularity = (model.adapter or {}).get("write_granularity")

@@ -14,6 +14,7 @@ from . import atomic as _atomic
 from . import completion
 from . import memfile as _memfile
 from .chat_template import ChatFormat, model_chat_template, thinking_override
+from .sampling import SamplingParams, sampling_params
 from .session import ChatSession
 
 if TYPE_CHECKING:
@@ -240,48 +241,54 @@ class Model:
 
     # ---- text generation (pydeltamem/completion.py) ----
     def create_completion(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 16,
-                          temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
-                          typical_p: float = 1.0, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                          presence_penalty: float = 0.0, stop: str | Sequence[str] | None = None,
+                          temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                          min_p: float | None = None, typical_p: float | None = None,
+                          repeat_penalty: float | None = None, frequency_penalty: float | None = None,
+                          presence_penalty: float | None = None, stop: str | Sequence[str] | None = None,
                           seed: int | None = None, stream: bool = False,
-                          logit_bias: dict[int, float] | None = None, write: bool = True):
+                          logit_bias: dict[int, float] | None = None, write: bool = True,
+                          sampling: SamplingParams | None = None):
         """Completes prompt (text or token ids); an OpenAI-shaped "text_completion" dict, or an iterator
         of chunks with stream=True. Stop strings end the text and are not part of it; max_tokens
-        None or <= 0 generates until the context is full. temperature 0 is greedy; seed=None is random.
-        With a δ-mem adapter, write=False reads the memory without writing it."""
+        None or <= 0 generates until the context is full. Sampling: `sampling` (default
+        SamplingParams(): temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, a random seed) with the
+        fields named here changed (None keeps a field; seed=-1 asks for a random one); temperature 0
+        is greedy. With a δ-mem adapter, write=False reads the memory without writing it."""
         if isinstance(prompt, (str, bytes)):
             # Like llama-cpp-python: BOS as the model asks, and special tokens written in the prompt count.
             tokens = self.tokenize(prompt, add_special=True, parse_special=True)
         else:
             tokens = _token_list(prompt)
-        sampling = completion.sampler_args(
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
-            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-            seed=seed, logit_bias=logit_bias)
+        params = sampling_params(sampling, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                 typical_p=typical_p, repeat_penalty=repeat_penalty,
+                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                 seed=seed, logit_bias=logit_bias)
         return completion.create_completion(self, self._shared_slot(), tokens, max_tokens=max_tokens, stop=stop,
-                                            sampling=sampling, stream=stream, write=write)
+                                            sampling=params, stream=stream, write=write)
 
     __call__ = create_completion
 
     def create_chat_completion(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
-                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
-                               min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
-                               frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                               temperature: float | None = None, top_p: float | None = None,
+                               top_k: int | None = None, min_p: float | None = None,
+                               typical_p: float | None = None, repeat_penalty: float | None = None,
+                               frequency_penalty: float | None = None, presence_penalty: float | None = None,
                                stop: str | Sequence[str] | None = None, seed: int | None = None,
                                stream: bool = False, logit_bias: dict[int, float] | None = None,
-                               write: bool = True):
+                               write: bool = True, sampling: SamplingParams | None = None):
         """Answers a conversation rendered with the model's chat template; an OpenAI-shaped
         "chat.completion" dict, or "chat.completion.chunk"s with stream=True. Generation also ends at
         the end-of-turn token. A conversation that grows turn by turn decodes only its new tokens.
-        Message content may be a string, None, or a list of OpenAI text parts. With a δ-mem
+        Message content may be a string, None, or a list of OpenAI text parts. Sampling as in
+        create_completion, from SamplingParams.chat() (temperature 0.2) by default. With a δ-mem
         adapter, write=False reads the memory without writing it; segment-mean adapters get the
         message and sentence ids of chat sessions."""
-        sampling = completion.sampler_args(
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
-            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-            seed=seed, logit_bias=logit_bias)
+        params = sampling_params(sampling or SamplingParams.chat(), temperature=temperature, top_p=top_p,
+                                 top_k=top_k, min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
+                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                 seed=seed, logit_bias=logit_bias)
         return completion.create_chat_completion(self, self._shared_slot(), messages, max_tokens=max_tokens,
-                                                 stop=stop, sampling=sampling, stream=stream, write=write)
+                                                 stop=stop, sampling=params, stream=stream, write=write)
 
     def _shared_slot(self) -> completion.GenerationSlot:
         with self._shared_lock:
@@ -333,6 +340,9 @@ class Context:
         self.kv_type = kv_type
         self._native = _core.Context(model._native, n_ctx, n_batch, _native_n_threads(n_threads, warn=True),
                                      _kv_type_code(kv_type), dmem_fused, poll)
+        # Fixed for the context's life, and read without the native context: a call that waits for
+        # its turn on a busy context must not block on the context to learn its size.
+        self._n_ctx: int = self._native.n_ctx
 
     def close(self) -> None:
         self._native.close()
@@ -345,7 +355,7 @@ class Context:
 
     @property
     def n_ctx(self) -> int:
-        return self._native.n_ctx
+        return self._n_ctx
 
     @property
     def n_past(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -80,16 +80,27 @@ class SamplingParams:
 
 
 def sampling_params(base: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
-    """base (or the defaults) with the named fields changed; an unknown name is a TypeError that lists
-    the known ones. kwargs whose value is None keep base's value, except seed and logit_bias, for which
-    None is itself a value."""
+    """base (or the defaults) with the named fields changed; a value of None keeps base's (ask for a
+    random seed with seed=-1, for no biases with logit_bias={}). An unknown name is a TypeError that
+    lists the known ones."""
     unknown = set(kwargs) - SamplingParams.names()
     if unknown:
         raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))} "
                         f"(known: {', '.join(sorted(SamplingParams.names()))})")
+    if base is not None and not isinstance(base, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(base).__name__}")
     base = base if base is not None else SamplingParams()
-    changes = {k: v for k, v in kwargs.items() if v is not None or k in ("seed", "logit_bias")}
+    changes = {k: v for k, v in kwargs.items() if v is not None}
     return replace(base, **changes) if changes else base
+
+
+def new_sampler(params: SamplingParams, history: Sequence[int] = ()) -> "_core.Sampler":
+    """A native sampler for params that has seen history (the prompt): penalties look at the prompt
+    too, as in llama.cpp; the history goes in in one call."""
+    sampler = _core.Sampler(**params.native())
+    if params.penalty_last_n > 0 and history:
+        sampler.accept_tokens(list(history[-params.penalty_last_n:]))
+    return sampler
 
 
 def _real(name: str, value: Any, *, allow_minus_inf: bool = False) -> float:

@@ -31,8 +31,9 @@ import numpy as np
 
 from . import atomic
 from . import memfile
-from .completion import (GenerationSlot, TextStream, chat_segments, check_prompt, max_new_tokens, new_sampler,
-                         reply_segment_id, sampler_args, stop_list)
+from .completion import (GenerationSlot, TextStream, chat_segments, check_prompt, max_new_tokens, reply_segment_id,
+                         stop_list)
+from .sampling import SamplingParams, new_sampler, sampling_params
 from .segments import Segments, with_generation_prompt
 from .snapshot import engine_kv_rows, memory_from_state, read_reference_snapshot
 
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 
 SESSION_MAGIC = b"DMEMSES1"
 SESSION_VERSION = 2
-_CHAT_DEFAULTS = dict(temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0, repeat_penalty=1.0,
-                      frequency_penalty=0.0, presence_penalty=0.0, seed=None, logit_bias=None)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -105,12 +104,12 @@ class ChatSession:
 
     # ---- turns ----
     def chat(self, text: str, *, stream: bool = False, max_tokens: int | None = None,
-             stop: str | list[str] | None = None, write: bool = True, **sampling: Any) -> str | Iterator[str]:
+             stop: str | list[str] | None = None, write: bool = True, sampling: SamplingParams | None = None,
+             **overrides: Any) -> str | Iterator[str]:
         """Adds a user message, generates the assistant's answer and returns it (or streams its pieces).
+        Sampling: `sampling` (default SamplingParams.chat()) with the fields named in overrides changed.
         write=False reads the δ-mem memory without writing it (the turn still joins the conversation)."""
-        unknown = set(sampling) - set(_CHAT_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))}")
+        params = sampling_params(sampling or SamplingParams.chat(), **overrides)
         if not isinstance(text, str):
             raise ValueError("text must be a string")
         messages = self._messages + [{"role": "user", "content": text}]
@@ -119,7 +118,7 @@ class ChatSession:
         check_prompt(self.ctx, prompt.tokens)
         budget = self._reply_budget(messages, prompt.tokens)
         stops = stop_list(stop)
-        sampler = new_sampler(sampler_args(**{**_CHAT_DEFAULTS, **sampling}), prompt.tokens)
+        sampler = new_sampler(params, prompt.tokens)
 
         def work(ctx: "Context", on_piece) -> str:
             return self._turn(ctx, messages, history, prompt, min(max_new_tokens(ctx, max_tokens), budget), stops,

@@ -81,8 +81,12 @@ def test_normalisation():
 def test_sampling_params_merges_and_rejects_unknown_names():
     base = SamplingParams.chat(top_k=3)
     assert sampling_params(base, top_p=0.5) == SamplingParams(temperature=CHAT_TEMPERATURE, top_k=3, top_p=0.5)
-    assert sampling_params(base, top_p=None) is base            # None keeps the value...
-    assert sampling_params(SamplingParams(seed=4), seed=None).seed is None   # ...but for seed it is one
+    assert sampling_params(base, top_p=None) is base            # None keeps the value
+    assert sampling_params(SamplingParams(seed=4), seed=None).seed == 4
+    assert sampling_params(SamplingParams(seed=4), seed=-1).seed is None    # -1 asks for a random seed
+    assert sampling_params(SamplingParams(logit_bias={1: 2.0}), logit_bias={}).logit_bias is None
+    with pytest.raises(TypeError, match="SamplingParams"):
+        sampling_params({"temperature": 0.0})
     with pytest.raises(TypeError, match="unknown sampling arguments: tempurature"):
         sampling_params(base, tempurature=1.0)
 
