@@ -401,16 +401,22 @@ class Context:
             message_ids = _int32_list(message_ids, "message_ids")
         if sentence_ids is not None:
             sentence_ids = _int32_list(sentence_ids, "sentence_ids")
-        for name, ids in (("message_ids", message_ids), ("sentence_ids", sentence_ids)):
-            if ids is not None and len(ids) != n:
-                raise ValueError(f"{name} has {len(ids)} entries for {n} tokens")
         granularity = (self.model._adapter or {}).get("write_granularity")
-        if granularity not in ("message_mean", "sentence_mean") or message_ids is None:
+        if granularity not in ("message_mean", "sentence_mean"):
             return None
+        needed = {"message_ids": message_ids}
+        if granularity == "sentence_mean":
+            needed["sentence_ids"] = sentence_ids
+        for name, ids in needed.items():
+            if ids is None:
+                return None
+            if len(ids) != n:
+                # The official module ignores ids that do not match the call and writes per token.
+                warnings.warn(f"{name} has {len(ids)} entries for {n} tokens: this call writes the δ-mem "
+                              "memory token by token", RuntimeWarning, stacklevel=3)
+                return None
         if granularity == "message_mean":
             return message_ids
-        if sentence_ids is None:
-            return None
         return [s if m >= 0 else -1 for m, s in zip(message_ids, sentence_ids)]
 
     def generate(self, tokens: Sequence[int], sampler: "_core.Sampler", *, max_tokens: int,

@@ -22,7 +22,7 @@ import pytest
 
 import pydeltamem
 from pydeltamem import _core, atomic
-from pydeltamem import memory as memfile
+from pydeltamem import memfile
 from pydeltamem.defaults import default_model_path
 from pydeltamem.session import SESSION_MAGIC
 from test_bad_input import rewrite_gguf

@@ -30,8 +30,6 @@ void dm_kv_cache::init(const dm_model & model, int32_t n_ctx_, ggml_type type_, 
     ggml_backend_buffer_clear(buf, 0);
 }
 
-size_t dm_kv_cache::size_bytes() const { return buf ? ggml_backend_buffer_get_size(buf) : 0; }
-
 size_t dm_kv_cache::bytes_per_token() const {
     size_t n = 0;
     for (size_t il = 0; il < k.size(); ++il) n += k[il]->nb[1] + v[il]->nb[1];

@@ -24,6 +24,5 @@ struct dm_kv_cache {
     ~dm_kv_cache();
 
     void init(const dm_model & model, int32_t n_ctx, ggml_type type, ggml_backend_buffer_type_t buft);
-    size_t size_bytes() const;
     size_t bytes_per_token() const;   // one row of keys and values in every layer
 };

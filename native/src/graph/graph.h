@@ -41,7 +41,7 @@ struct dm_graph {
 };
 
 // Builds the forward graph in ctx (a no_alloc context sized for max_nodes). dmem, when not null,
-// adds the model's δ-mem adapter (its graph must be gf, see dm_new_forward_graph).
+// adds the model's δ-mem adapter to the same graph gf (the builder records its nodes there).
 dm_graph dm_build_forward(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model, const dm_kv_cache & kv,
                           const dm_graph_shape & shape, dm_dmem_builder * dmem);
 
