@@ -78,7 +78,7 @@ static void null_handles(void) {
     NULL_CALL(dm_context_tokens(c, &tok, 1), == -1);
     NULL_CALL(dm_context_truncate(c, 0), == -1);
 
-    struct dm_generate_params gp = {4, NULL, 0, NULL, 0};
+    struct dm_generate_params gp = dm_generate_default_params();
     NULL_CALL(dm_generator_new(c, s, gp), == NULL);
     NULL_CALL(dm_generator_run(g, &tok, 1, NULL, NULL, NULL), == -1);
     NULL_CALL(dm_generator_tokens(g, &n), == NULL);
@@ -174,7 +174,9 @@ static void bad_arguments(const char * model_path) {
     expect_error("dm_sampler_accept_tokens with a negative count", dm_sampler_accept_tokens(s, tokens, -1) == -1, "n >= 0");
     expect_error("dm_sampler_accept_tokens with NULL tokens", dm_sampler_accept_tokens(s, NULL, 2) == -1, "n >= 0");
     expect_ok("dm_sampler_accept_tokens", dm_sampler_accept_tokens(s, tokens, 3) == 0);
-    struct dm_generate_params gp = {4, NULL, 2, NULL, 0};
+    struct dm_generate_params gp = dm_generate_default_params();
+    gp.max_tokens = 4;
+    gp.n_stop = 2;   /* with stop == NULL */
     expect_error("dm_generator_new with NULL stop strings", dm_generator_new(c, s, gp) == NULL, "NULL");
     gp.n_stop = 0;
     gp.n_stop_tokens = -1;

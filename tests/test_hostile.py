@@ -345,13 +345,18 @@ def _good_session_header(m) -> dict:
 
 @pytest.mark.parametrize("change", [
     {"model": []}, {"model": "x"}, {"messages": 5}, {"messages": [5]}, {"messages": [{"role": "user"}]},
-    {"messages": [{"role": "user", "content": "hi", "message_id": 0, "tokens": ["a"], "sentence_ids": [0]}]},
     {"messages": [{"role": 3, "content": "hi", "message_id": 0, "tokens": [], "sentence_ids": []}]},
-    {"next_message_id": "0"}, {"written": None}, {"memory_only": "no"}, {"include_state": True},
+    {"written": None}, {"memory_only": "no"},
 ])
 def test_session_files_with_a_wrongly_shaped_header(model, tmp_path, change):
     path = _write(tmp_path / "session", SESSION_MAGIC, {**_good_session_header(model), **change})
-    with pytest.raises(ValueError, match="corrupted header"):
+    with pytest.raises(ValueError, match="corrupted session header"):
+        model.load_session(path)
+
+
+def test_a_session_file_announcing_a_state_it_lacks(model, tmp_path):
+    path = _write(tmp_path / "session", SESSION_MAGIC, {**_good_session_header(model), "include_state": True})
+    with pytest.raises(ValueError, match="not a pydeltamem state"):
         model.load_session(path)
 
 
