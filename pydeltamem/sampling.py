@@ -69,9 +69,6 @@ class SamplingParams:
     def names(cls) -> frozenset[str]:
         return frozenset(f.name for f in fields(cls))
 
-    def with_(self, **changes: Any) -> "SamplingParams":
-        return replace(self, **changes)
-
     def native(self) -> dict[str, Any]:
         """The keyword arguments of pydeltamem._core.Sampler."""
         values = asdict(self)
@@ -154,6 +151,6 @@ class _FrozenDict(dict):
     """A read-only dict, so that a frozen SamplingParams stays frozen."""
 
     def _readonly(self, *args, **kwargs):
-        raise TypeError("SamplingParams.logit_bias is read-only; build new params with .with_(logit_bias=...)")
+        raise TypeError("SamplingParams.logit_bias is read-only; make new params with sampling_params(p, logit_bias=...)")
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
