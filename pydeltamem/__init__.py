@@ -16,7 +16,7 @@ except ImportError:
 from .model import Context, Model
 from .sampling import SamplingParams
 
-__all__ = ["Model", "Context", "SamplingParams", "get_include", "get_lib_dir", "system_info"]
+__all__ = ["Model", "Context", "SamplingParams", "devices", "get_include", "get_lib_dir", "system_info"]
 __version__ = "0.1.0"
 
 
@@ -32,5 +32,17 @@ def get_include() -> str:
 
 def system_info() -> str:
     """The CPU features and options the engine's ggml was built with ("AVX2 = 1 | ... | REPACK = 1");
-    a native build (bench/build_native_ggml.sh) adds AVX512*, OPENMP and LLAMAFILE where they apply."""
+    a native build (scripts/build_ggml.sh VENV --native) adds AVX512*, OPENMP and LLAMAFILE where they apply."""
     return _core.system_info()
+
+
+def devices(rpc_servers: "str | list[str] | None" = None) -> list[dict]:
+    """The devices this engine can run on: dicts of name, description, type ("cpu", "gpu", "igpu",
+    "accel"), free and total (bytes). rpc_servers ("host:port" strings, or one comma-separated
+    string) adds the devices of those `deltamem rpc-server`s first (they stay added)."""
+    from .model import _rpc_servers
+
+    servers = _rpc_servers(rpc_servers)
+    if servers:
+        _core.rpc_add_servers(servers)
+    return _core.devices()

@@ -6,7 +6,7 @@ import sys
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import bench, cli_text, quality, quantize
+    from . import bench, cli_devices, cli_text, quality, quantize
     from .convert import adapter, hf_to_gguf
 
     parser = argparse.ArgumentParser(prog="deltamem", description="pydeltamem: local LLM inference with δ-mem")
@@ -17,6 +17,7 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.register_cli(sub)
     quality.register_cli(sub)
     bench.register_cli(sub)
+    cli_devices.register_cli(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 from typing import TextIO
 
+from .cli_devices import add_device_options, device_kwargs
 from .defaults import default_model_path, model_path_from_spec
 from .hub import adapter_gguf_from_hub
 from .model import Model
@@ -16,14 +17,15 @@ from .session import ChatSession
 SAMPLING_DEFAULTS = {"generate": SamplingParams(), "chat": SamplingParams.chat()}
 
 
-def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None, adapter: str | None = None) -> Model:
+def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None, adapter: str | None = None,
+               **devices) -> Model:
     """A Model from -m: a GGUF path, REPO_ID:FILENAME_GLOB on the Hugging Face Hub, or (None) the
     default model (pydeltamem.defaults); adapter: a δ-mem adapter GGUF, or the REPO_ID of an official
-    δ-mem release on the Hub (converted once for this model)."""
+    δ-mem release on the Hub (converted once for this model); devices: Model()'s device arguments."""
     path = default_model_path() if spec is None else model_path_from_spec(spec)
     if adapter is not None and not os.path.exists(adapter) and _looks_like_repo_id(adapter):
         adapter = adapter_gguf_from_hub(adapter, path)
-    return Model(path, n_ctx=n_ctx, n_threads=n_threads, adapter=adapter)
+    return Model(path, n_ctx=n_ctx, n_threads=n_threads, adapter=adapter, **devices)
 
 
 def _looks_like_repo_id(text: str) -> bool:
@@ -48,6 +50,7 @@ def _add_model_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="RNG seed (default: random)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, metavar="N", help="context length (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: physical cores)")
+    add_device_options(p)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -85,7 +88,8 @@ def _write(out: TextIO, text: str) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, adapter=args.adapter)
+    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, adapter=args.adapter,
+                       **device_kwargs(args))
     if not args.no_echo:
         _write(sys.stdout, args.prompt)
     for chunk in model.create_completion(args.prompt, max_tokens=args.max_tokens, stream=True, sampling=_sampling(args)):
@@ -95,7 +99,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, adapter=args.adapter)
+    model = load_model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, adapter=args.adapter,
+                       **device_kwargs(args))
     interactive = sys.stdin.isatty()
     session = model.session(system=args.system)
     if interactive:

@@ -70,6 +70,28 @@ def _metadata_value(type_name: str, raw: bytes) -> Any:
     return text   # a long array, summarised as "[type; n]"
 
 
+def _rpc_servers(servers: str | Sequence[str] | None) -> str:
+    """The C API's "host:port,host:port" form of rpc_servers."""
+    if servers is None:
+        return ""
+    if isinstance(servers, str):
+        return servers
+    items = list(servers)
+    for s in items:
+        if not isinstance(s, str) or not s or "," in s:
+            raise ValueError(f"rpc_servers entries must be 'host:port' strings, got {s!r}")
+    return ",".join(items)
+
+
+def _tensor_split(split: Sequence[float] | None) -> list[float]:
+    if split is None:
+        return []
+    values = [float(x) for x in split]
+    if not values or any(not (v >= 0.0) or v == float("inf") for v in values) or sum(values) <= 0.0:
+        raise ValueError(f"tensor_split must be non-negative finite shares with a positive sum, got {list(split)!r}")
+    return values
+
+
 class Model:
     """A GGUF model loaded into memory. Weights are shared by every context made from it.
 
@@ -80,7 +102,15 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, kv_type: str = "f16", use_mmap: bool = True,
-                 adapter: str | os.PathLike | None = None, use_repack: bool = True, poll: int = 50):
+                 adapter: str | os.PathLike | None = None, use_repack: bool = True, poll: int = 50,
+                 n_gpu_layers: int = 0, main_gpu: int = 0, tensor_split: Sequence[float] | None = None,
+                 rpc_servers: str | Sequence[str] | None = None):
+        """n_gpu_layers, main_gpu, tensor_split and rpc_servers place layers on devices, as in
+        llama-cpp-python: n_gpu_layers=-1 offloads every layer and the output, k the last k layers.
+        The offload devices are this machine's GPUs, then those of rpc_servers ("host:port" strings
+        of `deltamem rpc-server`s, or one comma-separated string), in pydeltamem.devices()'s order;
+        tensor_split spreads the offloaded layers over them in those proportions, and without it
+        they all go to device main_gpu."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"model file not found: {path!r}")
@@ -96,7 +126,8 @@ class Model:
         self.poll = poll
         if adapter is not None and not os.path.isfile(os.fspath(adapter)):
             raise ValueError(f"adapter file not found: {os.fspath(adapter)!r}")
-        self._native = _core.Model(path, use_mmap, None if adapter is None else os.fspath(adapter), use_repack)
+        self._native = _core.Model(path, use_mmap, None if adapter is None else os.fspath(adapter), use_repack,
+                                   n_gpu_layers, main_gpu, _tensor_split(tensor_split), _rpc_servers(rpc_servers))
         info = self._native.adapter_info
         self._adapter: dict[str, Any] | None = None if info is None else json.loads(info)
         if self._adapter is not None and not self._adapter["delta_heads"]:
@@ -106,6 +137,10 @@ class Model:
         self._chat_format: ChatFormat | None = None
         self._shared: completion.GenerationSlot | None = None   # the context completions share, made on first use
         self._shared_lock = threading.Lock()
+
+    def layer_device(self, layer: int) -> str:
+        """Name of the device computing a layer ("CPU", "CUDA0", "RPC0", ...); layer n_layer is the output."""
+        return self._native.layer_device(layer)
 
     # ---- lifecycle ----
     def close(self) -> None:
@@ -361,6 +396,11 @@ class Context:
     def n_past(self) -> int:
         """Number of tokens in the sequence so far."""
         return self._native.n_past
+
+    @property
+    def n_splits(self) -> int:
+        """Graph splits of the last pass: 1 on the CPU alone, one more per change of device."""
+        return self._native.n_splits
 
     @property
     def tokens(self) -> list[int]:

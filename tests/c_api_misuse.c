@@ -57,11 +57,16 @@ static void null_handles(void) {
     NULL_CALL(dm_model_meta_type(m, 0), == NULL);
     NULL_CALL(dm_model_meta_value(m, 0, buf, sizeof buf), == -1);
     NULL_CALL(dm_model_adapter_info(m), == NULL);
+    NULL_CALL(dm_model_layer_device(m, 0), == NULL);
+    NULL_CALL(dm_device_get(0, NULL), == -1);
+    NULL_CALL(dm_rpc_add_servers(NULL), == -1);
+    NULL_CALL(dm_rpc_serve(NULL, 1), == -1);
 
     NULL_CALL(dm_context_new(m, dm_context_default_params()), == NULL);
     NULL_CALL(dm_context_set_abort_callback(c, NULL, NULL), == -1);
     NULL_CALL(dm_context_n_ctx(c), == -1);
     NULL_CALL(dm_context_n_past(c), == -1);
+    NULL_CALL(dm_context_n_splits(c), == -1);
     dm_context_reset(c);
     expect_error("dm_context_reset(NULL)", 1, "NULL");
     NULL_CALL(dm_decode(c, &tok, 1, DM_LOGITS_LAST, f), == -1);
@@ -159,6 +164,18 @@ static void bad_arguments(const char * model_path) {
     expect_error("dm_context_kv_set of NULL tokens", dm_context_kv_set(c, NULL, 2, NULL, 0) == -1, "NULL");
     expect_error("dm_memory_get into NULL", dm_memory_get(c, NULL, 1) == -1, "memory");
     expect_error("dm_model_meta_key out of range", dm_model_meta_key(m, -1) == NULL, "outside");
+    expect_error("dm_model_layer_device out of range", dm_model_layer_device(m, dm_model_n_layer(m) + 1) == NULL, "outside");
+    expect_ok("every layer of a default model is on the CPU", strcmp(dm_model_layer_device(m, 0), "CPU") == 0);
+    expect_ok("the CPU is a device", dm_device_count() >= 1 && strlen(dm_backends()) > 0);
+    struct dm_device_info info;
+    expect_error("dm_device_get out of range", dm_device_get(dm_device_count(), &info) == -1, "outside");
+    expect_error("dm_rpc_add_servers of a malformed endpoint", dm_rpc_add_servers("no-port") == -1, "host:port");
+    struct dm_model_params mp = dm_model_default_params();
+    mp.n_gpu_layers = -2;
+    expect_error("dm_model_load with n_gpu_layers = -2", dm_model_load(model_path, mp) == NULL, "n_gpu_layers");
+    mp.n_gpu_layers = 0;
+    mp.n_tensor_split = 2;   /* with tensor_split == NULL */
+    expect_error("dm_model_load with a NULL tensor_split", dm_model_load(model_path, mp) == NULL, "tensor_split");
 
     int asked = 0;
     expect_ok("set an abort callback", dm_context_set_abort_callback(c, always_abort, &asked) == 0);

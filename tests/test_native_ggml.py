@@ -1,13 +1,17 @@
-"""bench/build_native_ggml.sh, the documented way to a ggml tuned for this CPU: it builds
-libggml-python from its source distribution (native flags, OpenMP, llamafile) into a fresh venv and
-installs this checkout against it. The engine there must run on that ggml and meet the bounds the
-portable wheel's engine meets against transformers."""
+"""scripts/build_ggml.sh, the documented way to the ggml variants the portable wheel lacks: it
+builds libggml-python from its source distribution into a fresh venv and installs this checkout
+against it. One build here covers two of them, tuned for this CPU (native flags, OpenMP, llamafile)
+and with the RPC backend: the engine there must meet the bounds the portable wheel's engine meets
+against transformers, and the device tests (tests/test_devices.py) run there against
+`deltamem rpc-server` on loopback, with the RPC backend required."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import re
+import os
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +46,26 @@ def test_system_info_reports_the_ggml_build():
         assert (features.get(name) == "1") == options[name], f"{name}: ggml built with {options[name]}, reports {info!r}"
 
 
-@pytest.mark.slow
-def test_native_ggml_build_meets_the_portable_bounds(tmp_path):
-    venv = tmp_path / "venv-native"
-    build = subprocess.run(["bash", str(REPO / "bench" / "build_native_ggml.sh"), str(venv)], cwd=REPO,
-                           capture_output=True, text=True, timeout=1800)
+@pytest.fixture(scope="module")
+def source_build(tmp_path_factory):
+    """A venv with ggml built --native --rpc from source and this checkout installed against it; it
+    also sees this venv's packages (the test extra: torch, transformers), after its own."""
+    root = tmp_path_factory.mktemp("ggml-source")
+    venv = root / "venv"
+    env = {**os.environ, "GGML_WHEEL_CACHE": str(root / "wheels")}   # build now, not from a kept wheel
+    build = subprocess.run(["bash", str(REPO / "scripts" / "build_ggml.sh"), str(venv), "--native", "--rpc"], cwd=REPO,
+                           capture_output=True, text=True, timeout=2400, env=env)
     assert build.returncode == 0, (build.stdout + build.stderr)[-4000:]
-    assert "native ggml ready" in build.stdout
+    assert "ggml ready in" in build.stdout
+    site = subprocess.check_output([str(venv / "bin" / "python"), "-c",
+                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    Path(site, "_test_extra.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv
 
+
+@pytest.mark.slow
+def test_native_ggml_build_meets_the_portable_bounds(source_build, tmp_path):
+    venv = source_build
     # cwd: outside the checkout, whose pydeltamem/ folder would shadow the venv's package.
     run = subprocess.run([str(venv / "bin" / "python"), "-c", LOGITS_SCRIPT, str(smollm2_gguf()),
                           json.dumps(SMOLLM2_PROMPT)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -61,3 +77,20 @@ def test_native_ggml_build_meets_the_portable_bounds(tmp_path):
     # The same bounds against transformers as the portable engine's (test_backbone): the kernels
     # differ (AVX-512 dot products, llamafile's sgemm) but round activations alike.
     check_smollm2_logits(np.asarray(native["logits"], dtype=np.float32), "SmolLM2 Q4_1 on native ggml")
+
+
+@pytest.mark.slow
+def test_device_tests_pass_on_the_rpc_build(source_build, tmp_path):
+    """tests/test_devices.py in the source build, where every RPC test must run (none skipped), and
+    the C API misuse program against its engine."""
+    venv = source_build
+    env = {**os.environ, "DELTAMEM_REQUIRE_RPC": "1"}
+    run = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--rootdir", str(REPO), "-c", str(REPO / "pyproject.toml"),
+                          str(REPO / "tests" / "test_devices.py"), str(REPO / "tests" / "test_c_api.py"), "-rs"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
+    tail = (run.stdout + run.stderr)[-6000:]
+    assert run.returncode == 0, tail
+    skipped = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED") and "RPC" in line]
+    assert not skipped, "\n".join(skipped)
+    assert " passed" in run.stdout, tail

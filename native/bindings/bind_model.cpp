@@ -14,11 +14,17 @@
 namespace {
 
 ModelHandle * load_model(const std::string & path, bool use_mmap, const std::optional<std::string> & adapter,
-                         bool use_repack) {
+                         bool use_repack, const py::handle & n_gpu_layers, const py::handle & main_gpu,
+                         const std::vector<float> & tensor_split, const std::string & rpc_servers) {
     dm_model_params p = dm_model_default_params();
     p.use_mmap = use_mmap;
     p.use_repack = use_repack;
     p.adapter_path = adapter ? adapter->c_str() : nullptr;
+    p.n_gpu_layers = int32_arg(n_gpu_layers, "n_gpu_layers");
+    p.main_gpu = int32_arg(main_gpu, "main_gpu");
+    p.tensor_split = tensor_split.empty() ? nullptr : tensor_split.data();
+    p.n_tensor_split = static_cast<int32_t>(tensor_split.size());
+    p.rpc_servers = rpc_servers.empty() ? nullptr : rpc_servers.c_str();
     dm_model * m = nullptr;
     {
         py::gil_scoped_release release;
@@ -127,7 +133,17 @@ void bind_model(py::module_ & m) {
     m.attr("MAX_THREADS") = DM_MAX_THREADS;
     py::class_<ModelHandle>(m, "Model")
         .def(py::init(&load_model), py::arg("path"), py::arg("use_mmap") = true, py::arg("adapter") = py::none(),
-             py::arg("use_repack") = true)
+             py::arg("use_repack") = true, py::arg("n_gpu_layers") = 0, py::arg("main_gpu") = 0,
+             py::arg("tensor_split") = std::vector<float>{}, py::arg("rpc_servers") = "")
+        .def("layer_device",
+             [](ModelHandle & self, const py::handle & il) {
+                 const int32_t layer = int32_arg(il, "layer");
+                 ModelHandle::use u(self);
+                 const char * name = dm_model_layer_device(u.object, layer);
+                 check(name != nullptr);
+                 return native_text(name);
+             },
+             py::arg("layer"), "The device computing layer il (n_layer: the output layer).")
         .def_property_readonly("n_repacked", with_model(dm_model_n_repacked))
         .def_property_readonly("adapter_info", with_model([](const dm_model * model) -> py::object {
             const char * info = dm_model_adapter_info(model);
@@ -149,6 +165,7 @@ void bind_model(py::module_ & m) {
         .def_property_readonly("closed", &ContextHandle::closed)
         .def_property_readonly("n_ctx", context_call(dm_context_n_ctx))
         .def_property_readonly("n_past", context_call(dm_context_n_past))
+        .def_property_readonly("n_splits", context_call(dm_context_n_splits))
         .def("reset", context_call(dm_context_reset))
         .def("decode", &decode, py::arg("tokens"), py::arg("which"), py::arg("seg_ids") = py::none(),
              py::arg("write") = true)

@@ -49,3 +49,4 @@ void bind_vocab(py::module_ & m);
 void bind_sampling(py::module_ & m);
 void bind_generate(py::module_ & m);
 void bind_quantize(py::module_ & m);
+void bind_devices(py::module_ & m);

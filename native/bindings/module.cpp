@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
     bind_sampling(m);
     bind_generate(m);
     bind_quantize(m);
+    bind_devices(m);
 }

@@ -33,12 +33,45 @@ const char * dm_last_error(void);
 // ("AVX2 = 1 | F16C = 1 | ... | REPACK = 1"; OPENMP and LLAMAFILE appear in native builds).
 const char * dm_system_info(void);
 
+// ---- devices (native/src/device) ---------------------------------------------------------------
+
+struct dm_device_info {
+    const char * name;          // "CPU", "CUDA0", "RPC0", ...
+    const char * description;   // the hardware, or the RPC server's host:port
+    const char * type;          // "cpu", "gpu", "igpu", "accel"
+    size_t       free;          // bytes of memory free and in all
+    size_t       total;
+};
+// The backends this build's ggml has, comma-separated: "CPU", "CPU, RPC", "CUDA, CPU", ...
+const char * dm_backends(void);
+// The devices of ggml's registry (with the RPC servers added so far). Returns the count.
+int32_t dm_device_count(void);
+// Fills *out for device i (strings live as long as the process). Returns 0, or -1 on error.
+int32_t dm_device_get(int32_t i, struct dm_device_info * out);
+// Adds the devices of RPC servers ("host:port,host:port"). Returns 0, or -1 (no RPC in this
+// build, a server that does not answer).
+int32_t dm_rpc_add_servers(const char * servers);
+// Serves this machine's devices (its GPUs, else the CPU) over ggml's RPC protocol on "host:port"
+// with n_threads CPU threads. The protocol has no authentication: bind to loopback or a trusted
+// network only. Blocks while serving; returns -1 when it cannot serve.
+int32_t dm_rpc_serve(const char * endpoint, int32_t n_threads);
+
 // ---- model -------------------------------------------------------------------------------------
 
 struct dm_model_params {
     const char * adapter_path;   // δ-mem adapter GGUF, or NULL (a packed model loads its own)
     bool         use_mmap;       // map weights from the file instead of reading them
     bool         use_repack;     // move mat-mul weights of supported types to ggml's repack buffer (faster kernels)
+    // Devices, as llama.cpp counts them. n_gpu_layers: how many layers go to the offload devices
+    // (this machine's GPUs, then the devices of rpc_servers), the last ones first; -1 (or more
+    // than the model has) offloads every layer and the output (which goes with the last layer).
+    // tensor_split: n_tensor_split proportions of the offloaded layers per offload device; NULL
+    // puts them all on device main_gpu. rpc_servers: "host:port,host:port" (NULL: none).
+    int32_t      n_gpu_layers;
+    int32_t      main_gpu;
+    const float * tensor_split;
+    int32_t      n_tensor_split;
+    const char * rpc_servers;
 };
 struct dm_model_params dm_model_default_params(void);
 
@@ -51,6 +84,9 @@ int32_t      dm_model_n_ctx_train(const dm_model * model);
 int32_t      dm_model_n_layer   (const dm_model * model);
 int32_t      dm_model_n_embd    (const dm_model * model);
 int32_t      dm_model_n_repacked(const dm_model * model);   // weights moved to the repack buffer
+// Name of the device that computes layer il (0 <= il < n_layer; il == n_layer: the output layer),
+// "CPU" when the host does, or NULL on error.
+const char * dm_model_layer_device(const dm_model * model, int32_t il);
 
 // GGUF metadata, in file order. Values are rendered as text; arrays are summarised
 // ("[i32; 49152]") unless short (then JSON). Type names are gguf_type_name()s ("u32", "str", "f32") or "array".
@@ -71,7 +107,8 @@ struct dm_context_params {
     int32_t         n_batch;     // prefill chunk size
     int32_t         n_threads;   // <= 0: physical cores; at most DM_MAX_THREADS
     enum dm_kv_type kv_type;
-    bool            dmem_fused;  // δ-mem prefill scans as one fused CPU op (true) or unrolled portable ops
+    bool            dmem_fused;  // δ-mem of CPU layers as fused CPU ops (true), or as the device ops
+                                 // (ggml_gated_delta_net) that offloaded layers always use
     int32_t         poll;        // 0..100: how long idle worker threads poll for the next pass before they
                                  // sleep (ggml's threadpool poll; 50 default, 0 sleeps at once: several
                                  // contexts taking turns in one process, or a host that wants idle cores)
@@ -90,6 +127,8 @@ typedef bool (*dm_abort_callback)(void * user_data);
 int32_t      dm_context_set_abort_callback(dm_context * ctx, dm_abort_callback callback, void * user_data);
 
 int32_t dm_context_n_ctx  (const dm_context * ctx);
+// Graph splits of the context's last pass: 1 on the CPU alone, one more per change of device.
+int32_t dm_context_n_splits(const dm_context * ctx);
 int32_t dm_context_n_past (const dm_context * ctx);
 void    dm_context_reset  (dm_context * ctx);   // forget every token (KV cache and history)
 

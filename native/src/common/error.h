@@ -1,6 +1,8 @@
 // Errors: the core throws dm::Error; the C API catches it at the boundary and stores the message.
 #pragma once
 
+#include "common/device_failure.h"
+
 #include <cxxabi.h>
 
 #include <cstdarg>
@@ -34,6 +36,7 @@ template <typename T, typename Fn>
 T guard(T on_failure, Fn && fn) {
     try {
         clear_last_error();
+        device_call_scope devices;   // a remote device failing inside fn is an error of this call
         return fn();
     } catch (abi::__forced_unwind &) {
         throw;   // a thread being cancelled (pthread_exit, e.g. by Python's finalization) must unwind

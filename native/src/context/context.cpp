@@ -37,26 +37,13 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
     if (params.kv_type != DM_KV_F16 && params.kv_type != DM_KV_F32) fail("unknown KV cache type %d", params.kv_type);
     if (params.poll < 0 || params.poll > 100) fail("poll must be in 0..100, got %d", params.poll);
 
-    // One pool of worker threads for the life of the context: spawning threads per pass costs
-    // more than a single-token mat-vec on small models.
-    ggml_threadpool_params tpp = ggml_threadpool_params_default(params.n_threads);
-    tpp.poll = static_cast<uint32_t>(params.poll);
-    threadpool.reset(ggml_threadpool_new(&tpp));
-    if (!threadpool) fail("cannot create a thread pool of %d threads", params.n_threads);
-    backend.reset(ggml_backend_cpu_init());
-    if (!backend) fail("cannot initialise the CPU backend");
-    ggml_backend_cpu_set_n_threads(backend.get(), params.n_threads);
-    ggml_backend_cpu_set_threadpool(backend.get(), threadpool.get());
-
-    const ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(backend.get());
-    kv.init(m, params.n_ctx, params.kv_type == DM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16, buft);
-    if (m.adapter) memory.init(*m.adapter, buft);
-    galloc.reset(ggml_gallocr_new(buft));
-    if (!galloc) fail("cannot create the compute allocator");
+    init_backends();
+    kv.init(m, params.n_ctx, params.kv_type == DM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16);
+    if (m.adapter) memory.init(*m.adapter, m.placement);
 
     // Reserve compute memory for the largest pass up front, so passes never reallocate.
     const dm_graph_shape worst{params.n_batch, params.n_ctx, 1};   // all-logits passes grow it on demand
-    const size_t max_nodes = dm_graph_max_nodes(m, worst.n_tokens, !params.dmem_fused);
+    const size_t max_nodes = dm_graph_max_nodes(m);
     const ggml_context_ptr ctx(new_graph_context(max_nodes));
     ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), max_nodes, false);
     const dm_dmem_plan plan;
@@ -65,9 +52,46 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
         dmem.emplace(dm_dmem_builder{ctx.get(), gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}, {}});
     }
     dm_graph g = dm_build_forward(ctx.get(), gf, m, kv, worst, dmem ? &*dmem : nullptr);
-    if (!ggml_gallocr_reserve(galloc.get(), g.gf)) {
+    if (!ggml_backend_sched_reserve(sched.get(), g.gf)) {
         fail("cannot allocate compute memory for n_ctx=%d, n_batch=%d", params.n_ctx, params.n_batch);
     }
+}
+
+void dm_sched_deleter::operator()(ggml_backend_sched_t s) const noexcept {
+    try {
+        dm::device_call_scope scope;
+        ggml_backend_sched_free(s);
+    } catch (...) {
+        // a remote device is gone: its compute buffers went with it
+    }
+}
+
+// The devices of the model's layers first (the scheduler prefers backends in this order), the CPU
+// last: it computes the token lookup, whatever stayed on the host, and any op a device lacks.
+void dm_context::init_backends() {
+    // One pool of worker threads for the life of the context: spawning threads per pass costs
+    // more than a single-token mat-vec on small models.
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(params.n_threads);
+    tpp.poll = static_cast<uint32_t>(params.poll);
+    threadpool.reset(ggml_threadpool_new(&tpp));
+    if (!threadpool) fail("cannot create a thread pool of %d threads", params.n_threads);
+    cpu.reset(ggml_backend_cpu_init());
+    if (!cpu) fail("cannot initialise the CPU backend");
+    ggml_backend_cpu_set_n_threads(cpu.get(), params.n_threads);
+    ggml_backend_cpu_set_threadpool(cpu.get(), threadpool.get());
+
+    std::vector<ggml_backend_t> all;
+    for (ggml_backend_dev_t dev : model->placement.devices) {
+        devices.emplace_back(ggml_backend_dev_init(dev, nullptr));
+        if (!devices.back()) fail("cannot initialise device %s (%s)", ggml_backend_dev_name(dev), ggml_backend_dev_description(dev));
+        all.push_back(devices.back().get());
+    }
+    all.push_back(cpu.get());
+    // op_offload off: a weight on the host stays there (copying it to a device per pass, over RPC
+    // at that, costs more than computing it where it is).
+    sched.reset(ggml_backend_sched_new(all.data(), nullptr, static_cast<int>(all.size()), 2 * dm_graph_max_nodes(*model),
+                                       /*parallel =*/ false, /*op_offload =*/ false));
+    if (!sched) fail("cannot create the backend scheduler");
 }
 
 dm_context::~dm_context() { drop_cached_graph(); }
@@ -75,8 +99,9 @@ dm_context::~dm_context() { drop_cached_graph(); }
 void dm_context::set_abort_callback(dm_abort_callback callback, void * data) {
     abort_callback = callback;
     abort_data = data;
-    // ggml asks it after every graph node, so a long pass stops soon too.
-    ggml_backend_cpu_set_abort_callback(backend.get(), callback, data);
+    // ggml asks it after every CPU graph node, so a long pass stops soon too (device splits are
+    // asked between passes).
+    ggml_backend_cpu_set_abort_callback(cpu.get(), callback, data);
 }
 
 ggml_context * dm_context::new_graph_context(size_t max_nodes) {
@@ -137,7 +162,7 @@ void dm_context::drop_cached_graph() {
 const dm_context::cached_graph & dm_context::graph_for(const dm_graph_shape & shape, const dm_dmem_plan & plan) {
     if (cached.matches(shape, plan)) return cached;
     drop_cached_graph();
-    const size_t max_nodes = dm_graph_max_nodes(*model, shape.n_tokens, !params.dmem_fused);
+    const size_t max_nodes = dm_graph_max_nodes(*model);
     cached.ctx = new_graph_context(max_nodes);
     cached.shape = shape;
     cached.plan = plan;
@@ -148,10 +173,12 @@ const dm_context::cached_graph & dm_context::graph_for(const dm_graph_shape & sh
                                             params.dmem_fused, {}, {}});
     }
     cached.graph = dm_build_forward(cached.ctx, gf, *model, kv, shape, cached.dmem ? &*cached.dmem : nullptr);
-    if (!ggml_gallocr_alloc_graph(galloc.get(), gf)) {
+    ggml_backend_sched_reset(sched.get());
+    if (!ggml_backend_sched_alloc_graph(sched.get(), gf)) {
         drop_cached_graph();
         fail("cannot allocate the compute graph");
     }
+    n_splits = ggml_backend_sched_get_n_splits(sched.get());
     return cached;
 }
 
@@ -164,7 +191,7 @@ void dm_context::run_pass(const dm_token * toks, const int32_t * seg_ids, int32_
     const dm_graph & g = c.graph;
     set_inputs(g, toks, shape);
     if (c.dmem) c.dmem->set_inputs(plan);
-    const ggml_status status = ggml_backend_graph_compute(backend.get(), g.gf);
+    const ggml_status status = ggml_backend_sched_graph_compute(sched.get(), g.gf);
     if (status == GGML_STATUS_ABORTED) fail("decode: aborted");
     if (status != GGML_STATUS_SUCCESS) fail("graph computation failed");
     if (g.logits && logits_out) ggml_backend_tensor_get(g.logits, logits_out, 0, ggml_nbytes(g.logits));

@@ -24,15 +24,23 @@ struct dm_threadpool_deleter {
 };
 using dm_threadpool_ptr = std::unique_ptr<ggml_threadpool, dm_threadpool_deleter>;
 
+// Frees the scheduler's compute buffers even when a remote device no longer answers.
+struct dm_sched_deleter {
+    void operator()(ggml_backend_sched_t sched) const noexcept;
+};
+using dm_sched_ptr = std::unique_ptr<ggml_backend_sched, dm_sched_deleter>;
+
 struct dm_context {
     dm_model *               model = nullptr;
     dm_context_params        params{};
     // Every native resource is a member that frees itself, so a constructor that throws half way
-    // leaks nothing. Declaration order is release order reversed: the backend and the allocator go
-    // before the thread pool they use.
+    // leaks nothing. Declaration order is release order reversed: the scheduler goes before the
+    // backends it runs on, the CPU backend before the thread pool it uses.
     dm_threadpool_ptr        threadpool;
-    ggml_backend_ptr         backend;
-    ggml_gallocr_ptr         galloc;
+    ggml_backend_ptr         cpu;
+    std::vector<ggml_backend_ptr> devices;   // one backend per device the model's layers are on
+    dm_sched_ptr             sched;          // runs each pass over the devices and the CPU
+    int32_t                  n_splits = 0;   // graph splits of the last pass (one per device change)
     dm_abort_callback        abort_callback = nullptr;   // asked between and during passes
     void *                   abort_data = nullptr;
     dm_kv_cache              kv;
@@ -89,6 +97,7 @@ private:
     const cached_graph & graph_for(const dm_graph_shape & shape, const dm_dmem_plan & plan);
     void drop_cached_graph();
     ggml_context * new_graph_context(size_t max_nodes);
+    void init_backends();
 };
 
 // Physical cores of this machine (falls back to logical CPUs).

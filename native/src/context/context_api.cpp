@@ -40,6 +40,10 @@ int32_t dm_context_n_ctx(const dm_context * ctx) {
     return dm::guard<int32_t>(-1, [&] { return context_of(ctx).params.n_ctx; });
 }
 
+int32_t dm_context_n_splits(const dm_context * ctx) {
+    return dm::guard<int32_t>(-1, [&] { return context_of(ctx).n_splits; });
+}
+
 int32_t dm_context_n_past(const dm_context * ctx) {
     return dm::guard<int32_t>(-1, [&] { return context_of(ctx).n_past(); });
 }

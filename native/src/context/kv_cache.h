@@ -1,6 +1,8 @@
 // The KV cache of one sequence: per layer, keys and values of every past position.
 #pragma once
 
+#include "device/buffer_set.h"
+
 #include <ggml-backend.h>
 #include <ggml.h>
 
@@ -15,14 +17,9 @@ struct dm_kv_cache {
     std::vector<ggml_tensor *> k;   // per layer [n_embd_kv,    n_ctx]
     std::vector<ggml_tensor *> v;   // per layer [n_embd_v_gqa, n_ctx]
 
-    ggml_context *        ctx = nullptr;
-    ggml_backend_buffer_t buf = nullptr;
+    dm_buffer_set storage;          // each layer's rows on the device of that layer
 
-    dm_kv_cache() = default;
-    dm_kv_cache(const dm_kv_cache &) = delete;
-    dm_kv_cache & operator=(const dm_kv_cache &) = delete;
-    ~dm_kv_cache();
-
-    void init(const dm_model & model, int32_t n_ctx, ggml_type type, ggml_backend_buffer_type_t buft);
+    // Allocates the cache of every layer on the device the model placed it on.
+    void init(const dm_model & model, int32_t n_ctx, ggml_type type);
     size_t bytes_per_token() const;   // one row of keys and values in every layer
 };

@@ -327,3 +327,19 @@ std::unique_ptr<dm_adapter> dm_adapter_load(const dm_model & model, const std::s
     pack_weights(*a, model.hp.n_embd);
     return a;
 }
+
+void dm_adapter_offload(dm_adapter & a, const dm_placement & placement) {
+    for (ggml_backend_dev_t dev : placement.devices) {
+        std::vector<ggml_tensor **> tensors;
+        for (dm_dmem_layer & l : a.layers) {
+            if (placement.layer[l.il] != dev) continue;
+            l.on_cpu = false;
+            for (ggml_tensor ** t : {&l.b_in, &l.do_norm, &l.f32.w_in, &l.f32.dq_t, &l.f32.dk_t, &l.f32.dv_t, &l.f32.do_t}) {
+                tensors.push_back(t);
+            }
+        }
+        if (tensors.empty()) continue;
+        a.device_weights.push_back(std::make_unique<dm_device_weights>());
+        dm_copy_to_device(*a.device_weights.back(), dev, tensors);
+    }
+}

@@ -1,6 +1,7 @@
 // A δ-mem adapter: configuration and weights (docs/adapter-format.md), validated against a model.
 #pragma once
 
+#include "device/device_weights.h"
 #include "model/weights_file.h"
 
 #include <ggml-backend.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 struct dm_model;
+struct dm_placement;
 
 enum class dm_update_mode { standard, lambda_outside, no_lambda };
 enum class dm_write_granularity { token, message_mean, sentence_mean };
@@ -49,6 +51,7 @@ struct dm_dmem_packed {
 // Weights of one targeted layer; the W_Δ matrices already carry every constant scale.
 struct dm_dmem_layer {
     int32_t       il = -1;            // backbone layer index
+    bool          on_cpu = true;      // false: the layer's f32 packed weights and b_in live on its device
     ggml_tensor * mq = nullptr;       // [n_embd, D]
     ggml_tensor * mk = nullptr;       // [n_embd, D]
     ggml_tensor * mv = nullptr;       // [n_embd, D]
@@ -80,6 +83,7 @@ struct dm_adapter {
 
     ggml_context *        packed_ctx = nullptr;   // the packed weights of every layer
     ggml_backend_buffer_t packed_buf = nullptr;
+    std::vector<std::unique_ptr<dm_device_weights>> device_weights;   // copies for offloaded layers, per device
 
     dm_adapter() = default;
     dm_adapter(const dm_adapter &) = delete;
@@ -98,3 +102,6 @@ bool dm_has_packed_adapter(const gguf_context * gguf);
 // Reads and validates an adapter against the model: from its own file (path), or packed in the
 // model's file (path empty). Throws dm::Error naming the key or tensor at fault.
 std::unique_ptr<dm_adapter> dm_adapter_load(const dm_model & model, const std::string & path, bool use_mmap);
+// Copies what the device formulation of each offloaded layer reads (b_in, the f32 packed weights,
+// the Δo norm) to that layer's device.
+void dm_adapter_offload(dm_adapter & adapter, const dm_placement & placement);

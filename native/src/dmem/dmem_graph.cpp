@@ -53,7 +53,7 @@ void dm_dmem_builder::set_inputs(const dm_dmem_plan & call_plan) const {
             if (in.avg) avg[k * n_tokens + t] = 1.0f / static_cast<float>(call_plan.items[k].size());
         }
     }
-    // An input no node reads (the plan in portable passes, the weights in fused ones) gets no memory.
+    // An input no node reads (the plan in device scans, the weights in fused ones) gets no memory.
     if (in.plan->buffer) ggml_backend_tensor_set(in.plan, codes.data(), 0, ggml_nbytes(in.plan));
     if (in.avg && in.avg->buffer) ggml_backend_tensor_set(in.avg, avg.data(), 0, ggml_nbytes(in.avg));
 }
@@ -62,7 +62,7 @@ dm_dmem_builder::projections dm_dmem_builder::project(const dm_dmem_layer & l, g
     const int64_t D = adapter.cfg.width(), G = adapter.cfg.gate_width;
     projections p{};
     p.packed = ggml_mul_mat(ctx, l.f32.w_in, x);   // [3D + G (+ G), n]
-    if (fused_ops) return p;                       // the kernel slices it and adds the gate biases itself
+    if (fused(l)) return p;                        // the kernel slices it and adds the gate biases itself
     auto rows = [&](int64_t first, int64_t count) {
         return ggml_cont(ctx, ggml_view_2d(ctx, p.packed, count, p.packed->ne[1], p.packed->nb[1],
                                            static_cast<size_t>(first) * sizeof(float)));
@@ -93,81 +93,137 @@ ggml_tensor * dm_dmem_builder::heads(ggml_tensor * col) const {
     return ggml_reshape_3d(ctx, ggml_cont(ctx, col), adapter.cfg.rank, 1, adapter.cfg.n_heads);
 }
 
-dm_dmem_builder::gates dm_dmem_builder::gate_values(ggml_tensor * beta_col, ggml_tensor * lambda_col) const {
-    const dm_dmem_config & c = adapter.cfg;
-    const bool rankwise = c.gate_width == c.width();
-    const int64_t per_head = rankwise ? c.rank : 1;
-    auto as_rows = [&](ggml_tensor * g) { return ggml_reshape_3d(ctx, ggml_cont(ctx, g), per_head, 1, c.n_heads); };
-    auto as_state_rows = [&](ggml_tensor * g) { return ggml_reshape_3d(ctx, ggml_cont(ctx, g), 1, per_head, c.n_heads); };
-
-    ggml_tensor * beta = ggml_sigmoid(ctx, beta_col);
-    ggml_tensor * lambda = c.couple_lambda ? ggml_scale_bias(ctx, beta, -1.0f, 1.0f) : ggml_sigmoid(ctx, lambda_col);
-    gates g{};
-    g.write = as_rows(beta);
-    switch (c.update_mode) {
-        case dm_update_mode::standard:
-            g.erase = g.write;
-            g.keep_rows = as_state_rows(lambda);
-            break;
-        case dm_update_mode::lambda_outside:
-            g.erase = as_rows(ggml_mul(ctx, lambda, beta));
-            g.keep_rows = as_state_rows(lambda);
-            break;
-        case dm_update_mode::no_lambda:
-            g.erase = g.write;
-            g.keep_rows = nullptr;
-            break;
-    }
-    return g;
-}
-
 // o = S m_q per head: o_i = Σ_j S[i, j] q_j.
 ggml_tensor * dm_dmem_builder::read(ggml_tensor * S, ggml_tensor * q_col) const {
     ggml_tensor * o = ggml_mul_mat(ctx, S, heads(q_col));   // [r, 1, H]
     return ggml_reshape_2d(ctx, o, adapter.cfg.width(), 1);
 }
 
-// S[i, :] ← keep_i S[i, :] + (write_i v_i − erase_i (S[i, :]·k)) kᵀ
-ggml_tensor * dm_dmem_builder::write(ggml_tensor * S, ggml_tensor * k_col, ggml_tensor * v_col, const gates & g) const {
-    const dm_dmem_config & c = adapter.cfg;
-    ggml_tensor * k = heads(k_col);                                    // [r, 1, H]
-    ggml_tensor * Sk = ggml_mul_mat(ctx, S, k);                        // [r, 1, H]
-    ggml_tensor * u = ggml_sub(ctx, ggml_mul(ctx, heads(v_col), g.write), ggml_mul(ctx, Sk, g.erase));
-    ggml_tensor * outer = ggml_mul_mat(ctx, ggml_reshape_3d(ctx, k, 1, c.rank, c.n_heads),
-                                       ggml_reshape_3d(ctx, u, 1, c.rank, c.n_heads));   // [r (j), r (i), H] = k_j u_i
-    ggml_tensor * kept = g.keep_rows ? ggml_mul(ctx, S, g.keep_rows) : S;
-    return ggml_add(ctx, kept, outer);
+// ---- the scan on devices: ggml_gated_delta_net -------------------------------------------------------
+//
+// GDN per head: S ← e^g S; δ = β (v − Sᵀk); S ← S + k δᵀ; out = Sᵀq / √S_v (read after the write).
+// With one GDN head per δ-mem row i (of state head h), that row as GDN's value column 0 and the
+// other columns zero, the step is S[i,:] ← e^g S[i,:] − β e^g (S[i,:]·k) k + β v'₀ k, which is
+// δ-mem's keep·S[i,:] − erase·(S[i,:]·k) k + write·v_i k for e^g = keep, β = erase/keep,
+// v'₀ = write·v_i/β. The coefficients below are those ratios written without divisions (the
+// naive erase/keep is NaN once keep rounds to 0). Read before write: step t is given the next
+// token's query, so its output is the next token's read; the first token reads the incoming state.
+
+// S_v: the rank padded to a head size every GDN kernel has (CUDA: 16, 32, 64, 128). The padding
+// columns and rows stay zero.
+int64_t dm_dmem_builder::gdn_width() const {
+    for (int64_t w : {16, 32, 64, 128}) {
+        if (adapter.cfg.rank <= w) return w;
+    }
+    dm::fail("δ-mem rank %d is above 128, the largest state the device kernels have", adapter.cfg.rank);
 }
 
-// Backend-portable scan: only ops every ggml backend has, unrolled over the writes of the pass.
-ggml_tensor * dm_dmem_builder::portable(const projections & p, ggml_tensor * state) {
+dm_dmem_builder::gdn_coefficients dm_dmem_builder::coefficients(ggml_tensor * x, ggml_tensor * y) const {
+    const dm_dmem_config & c = adapter.cfg;
+    auto neg = [&](ggml_tensor * t) { return ggml_scale(ctx, t, -1.0f); };
+    auto log_sigmoid = [&](ggml_tensor * t) { return neg(ggml_softplus(ctx, neg(t))); };   // log σ(t)
+    constexpr float big = 30.0f;   // σ(30) is 1 in f32: clamping the logit there changes no result
+    switch (c.update_mode) {
+        case dm_update_mode::standard:
+            if (c.couple_lambda) {   // keep = σ(−x), erase = write = σ(x): β = e^x, v'₀ = v σ(−x)
+                ggml_tensor * xc = ggml_clamp(ctx, x, -INFINITY, big);
+                return {log_sigmoid(neg(xc)), ggml_exp(ctx, xc), ggml_sigmoid(ctx, neg(xc))};
+            } else {                 // keep = σ(y), erase = write = σ(x): β = σ(x)(1 + e^−y), v'₀ = v σ(y)
+                ggml_tensor * yc = ggml_clamp(ctx, y, -big, INFINITY);
+                ggml_tensor * beta = ggml_mul(ctx, ggml_sigmoid(ctx, x), ggml_scale_bias(ctx, ggml_exp(ctx, neg(yc)), 1.0f, 1.0f));
+                return {log_sigmoid(yc), beta, ggml_sigmoid(ctx, yc)};
+            }
+        case dm_update_mode::lambda_outside:   // keep = λ, erase = λβ, write = β: β stays, v'₀ = v
+            return {c.couple_lambda ? log_sigmoid(neg(x)) : log_sigmoid(y), ggml_sigmoid(ctx, x), nullptr};
+        case dm_update_mode::no_lambda: {      // keep = 1: g = 0
+            ggml_tensor * beta = ggml_sigmoid(ctx, x);
+            return {ggml_scale(ctx, beta, 0.0f), beta, nullptr};
+        }
+    }
+    dm::fail("internal: unknown δ-mem update mode");
+}
+
+// GDN head of row i of state head h: h + H·i, so that GDN's tiled broadcast of the H query/key
+// heads (head j reads q/k head j mod H) gives every row its own head's q and k.
+ggml_tensor * dm_dmem_builder::rows_as_heads(ggml_tensor * m) const {
+    const int64_t r = adapter.cfg.rank, H = adapter.cfg.n_heads, n = m->ne[1];
+    ggml_tensor * t = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, m, r, H, n), 1, 0, 2, 3));   // [H, r, n]
+    return ggml_reshape_3d(ctx, t, 1, r * H, n);
+}
+
+ggml_tensor * dm_dmem_builder::gates_as_heads(ggml_tensor * m) const {
+    const int64_t r = adapter.cfg.rank, H = adapter.cfg.n_heads, n = m->ne[1];
+    if (m->ne[0] == adapter.cfg.width()) return rows_as_heads(m);   // rankwise: one gate per row
+    ggml_tensor * t = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, m, H, 1, n), H, r, n, 1);   // one per head, every row
+    return ggml_reshape_3d(ctx, t, 1, r * H, n);
+}
+
+ggml_tensor * dm_dmem_builder::heads_as_rows(ggml_tensor * m) const {
+    const int64_t r = adapter.cfg.rank, H = adapter.cfg.n_heads, n = m->ne[2];
+    ggml_tensor * t = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, m, H, r, n), 1, 0, 2, 3));   // [r, H, n]
+    return ggml_reshape_2d(ctx, t, r * H, n);
+}
+
+// n writes of k [D, n] (normalised), v [D, n] and the gate logits [G, n] into state [r, r, H].
+dm_dmem_builder::gdn_pass dm_dmem_builder::gdn_writes(ggml_tensor * state, ggml_tensor * q, ggml_tensor * k,
+                                                      ggml_tensor * v, ggml_tensor * beta_logit,
+                                                      ggml_tensor * lambda_logit) const {
+    const int64_t r = adapter.cfg.rank, H = adapter.cfg.n_heads, Hv = r * H, n = k->ne[1];
+    const int64_t Sv = gdn_width();
+    const gdn_coefficients co = coefficients(beta_logit, lambda_logit);
+    ggml_tensor * g = gates_as_heads(co.g);          // [1, Hv, n]
+    ggml_tensor * beta = gates_as_heads(co.beta);    // [1, Hv, n]
+    ggml_tensor * v0 = rows_as_heads(v);             // [1, Hv, n]
+    if (co.v_scale) v0 = ggml_mul(ctx, v0, gates_as_heads(co.v_scale));
+    ggml_tensor * vg = ggml_pad(ctx, v0, static_cast<int>(Sv - 1), 0, 0, 0);   // [Sv, Hv, n]: column 0 only
+    auto padded_heads = [&](ggml_tensor * m) {       // [D, n] -> [Sv, H, n]
+        return ggml_pad(ctx, ggml_reshape_3d(ctx, m, r, H, n), static_cast<int>(Sv - r), 0, 0, 0);
+    };
+    ggml_tensor * kg = padded_heads(k);
+    // GDN divides its output by √S_v; without q the outputs are not read (k stands in).
+    ggml_tensor * qg = q ? ggml_scale(ctx, padded_heads(q), std::sqrt(static_cast<float>(Sv))) : kg;
+    // state [r (col c), r (row i), H] -> GDN's [Sv, Sv, Hv]: head h + H·i holds row i in column 0.
+    ggml_tensor * s0 = ggml_cont(ctx, ggml_permute(ctx, state, 0, 2, 1, 3));   // [r, H, r]
+    s0 = ggml_pad(ctx, ggml_reshape_3d(ctx, s0, r, 1, Hv), static_cast<int>(Sv - r), static_cast<int>(Sv - 1), 0, 0);
+    ggml_tensor * out = ggml_gated_delta_net(ctx, qg, kg, vg, g, beta, s0, 1);   // [Sv·Hv, n + Sv]: outputs, then the state
+
+    gdn_pass p{};
+    const size_t f = sizeof(float);
+    if (q) {
+        ggml_tensor * col0 = ggml_view_3d(ctx, out, 1, Hv, n, Sv * f, Sv * Hv * f, 0);   // [1, Hv, n]
+        p.reads = heads_as_rows(ggml_cont(ctx, col0));
+    }
+    ggml_tensor * rows = ggml_view_2d(ctx, out, r, Hv, Sv * Sv * f, Sv * Hv * n * f);   // column 0 of each head: [r, Hv]
+    rows = ggml_reshape_3d(ctx, ggml_cont(ctx, rows), r, H, r);                          // [c, h, i]
+    p.state = ggml_cont(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3));                       // [r, r, H]
+    return p;
+}
+
+// The scan on any backend: one ggml_gated_delta_net for the writes of the pass, mat-muls for the
+// reads of the incoming state.
+ggml_tensor * dm_dmem_builder::device_scan(const projections & p, ggml_tensor * state) {
     const dm_dmem_config & c = adapter.cfg;
     ggml_tensor * qn = normalize(p.q);
     ggml_tensor * kn = normalize(p.k);
     ggml_tensor * S = state;
-    ggml_tensor * o = nullptr;
+    ggml_tensor * o = nullptr;   // [D, n_tokens]
 
     if (plan.interleaved) {
-        for (int32_t t = 0; t < n_tokens; ++t) {
-            ggml_tensor * o_t = read(S, column(qn, t));
-            o = o ? ggml_concat(ctx, o, o_t, 1) : o_t;
-            S = write(S, column(kn, t), column(p.v, t), gate_values(column(p.beta, t), p.lambda ? column(p.lambda, t) : nullptr));
-        }
+        // token t's read is S_{t-1} q_t: the first from the incoming state, the others from step
+        // t-1 of the scan, which is given q_t (the last step gets a zero query, read by nothing).
+        ggml_tensor * o0 = read(state, column(qn, 0));
+        ggml_tensor * q_next = ggml_view_2d(ctx, ggml_pad(ctx, qn, 0, 1, 0, 0), c.width(), n_tokens, qn->nb[1], qn->nb[1]);
+        const gdn_pass g = gdn_writes(state, q_next, kn, p.v, p.beta, p.lambda);
+        o = n_tokens == 1 ? o0 : ggml_concat(ctx, o0, ggml_view_2d(ctx, g.reads, c.width(), n_tokens - 1, g.reads->nb[1], 0), 1);
+        S = g.state;
     } else {
         ggml_tensor * q3 = ggml_reshape_3d(ctx, qn, c.rank, c.n_heads, n_tokens);
         ggml_tensor * reads = ggml_mul_mat(ctx, state, ggml_cont(ctx, ggml_permute(ctx, q3, 0, 2, 1, 3)));   // [r, n, H]
         o = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, reads, 0, 2, 1, 3)), c.width(), n_tokens);
-        if (!plan.items.empty()) {
+        if (!plan.items.empty()) {   // one write per item, of its tokens' means, in item order
             auto mean = [&](ggml_tensor * m) { return ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, m)), in.avg); };
-            ggml_tensor * k_mean = normalize(mean(p.k));
-            ggml_tensor * v_mean = mean(p.v);
-            ggml_tensor * beta_mean = mean(p.beta);
-            ggml_tensor * lambda_mean = p.lambda ? mean(p.lambda) : nullptr;
-            for (size_t i = 0; i < plan.items.size(); ++i) {
-                const int64_t k = static_cast<int64_t>(i);
-                S = write(S, column(k_mean, k), column(v_mean, k),
-                          gate_values(column(beta_mean, k), lambda_mean ? column(lambda_mean, k) : nullptr));
-            }
+            S = gdn_writes(state, nullptr, normalize(mean(p.k)), mean(p.v), mean(p.beta),
+                           p.lambda ? mean(p.lambda) : nullptr).state;
         }
     }
     // Reads of the old state must come before it is overwritten: expand them first.
@@ -182,7 +238,7 @@ ggml_tensor * dm_dmem_builder::portable(const projections & p, ggml_tensor * sta
 constexpr int64_t k_few_tokens = 4;
 
 const dm_dmem_packed & dm_dmem_builder::weights(const dm_dmem_layer & l) const {
-    return fused_ops && n_tokens <= k_few_tokens && l.f16.w_in ? l.f16 : l.f32;
+    return fused(l) && n_tokens <= k_few_tokens && l.f16.w_in ? l.f16 : l.f32;
 }
 
 // Few tokens: the memory op computes the target's rows itself, with ggml's vec_dot, so that
@@ -195,7 +251,7 @@ bool dm_dmem_builder::op_computes(const dm_linear & target, ggml_tensor * x) con
     return traits->vec_dot && ggml_get_type_traits_cpu(traits->vec_dot_type)->from_float;
 }
 
-dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
+dm_dmem_builder::layer_pass dm_dmem_builder::fused_pass(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
                                                    const dm_linear & target, ggml_tensor * w_delta_t) {
     if (!op) op = std::make_shared<dm_memory_op>(adapter.cfg);
     const int64_t D = adapter.cfg.width();
@@ -220,17 +276,17 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused(const dm_dmem_layer & l, ggml
     if (rows) {
         r.corrected = ggml_view_2d(ctx, out, rows, n_tokens, rows * sizeof(float), n_tokens * D * sizeof(float));
     } else if (y) {
-        r.corrected = correct(y, w_delta_t, r.reads);
+        r.corrected = correct(l, y, w_delta_t, r.reads);
     }
     return r;
 }
 
 dm_dmem_builder::layer_pass dm_dmem_builder::read_and_write(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
                                                             const dm_linear & target, ggml_tensor * w_delta_t) {
-    if (fused_ops) return fused(l, state, x, target, w_delta_t);
+    if (fused(l)) return fused_pass(l, state, x, target, w_delta_t);
     layer_pass r{};
-    r.reads = portable(project(l, x), state);
-    if (target.w) r.corrected = correct(target.apply(ctx, x), w_delta_t, r.reads);
+    r.reads = device_scan(project(l, x), state);
+    if (target.w) r.corrected = correct(l, target.apply(ctx, x), w_delta_t, r.reads);
     return r;
 }
 
@@ -242,9 +298,9 @@ ggml_tensor * dm_dmem_builder::correction(ggml_tensor * w_delta_t, ggml_tensor *
     return ggml_out_prod(ctx, w_delta_t, reads_t);
 }
 
-ggml_tensor * dm_dmem_builder::correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
-                                       ggml_tensor * residual) const {
-    const bool one_op = fused_ops && ggml_is_contiguous(y) && (!residual || ggml_is_contiguous(residual));
+ggml_tensor * dm_dmem_builder::correct(const dm_dmem_layer & l, ggml_tensor * y, ggml_tensor * w_delta_t,
+                                       ggml_tensor * reads_t, ggml_tensor * residual) const {
+    const bool one_op = fused(l) && ggml_is_contiguous(y) && (!residual || ggml_is_contiguous(residual));
     if (!one_op) {
         ggml_tensor * sum = ggml_add(ctx, y, correction(w_delta_t, reads_t, y->ne[1]));
         return residual ? ggml_add(ctx, residual, sum) : sum;

@@ -54,7 +54,7 @@ struct dm_dmem_builder {
     const dm_memory &    memory;
     const dm_dmem_plan & plan;
     int32_t              n_tokens;
-    bool                 fused_ops;   // the memory as CPU custom ops (dmem_cpu); portable ops otherwise
+    bool                 fused_ops;   // CPU layers' memory as CPU custom ops (dmem_cpu); device ops otherwise
     dm_dmem_inputs       in;
     std::shared_ptr<dm_memory_op> op; // userdata of the fused memory ops (shared: an incomplete type here)
 
@@ -72,12 +72,12 @@ struct dm_dmem_builder {
     // The layer's packed weights this pass uses: f16 ones (when the adapter has them) for the
     // few-token passes of the fused ops, f32 otherwise.
     const dm_dmem_packed & weights(const dm_dmem_layer & l) const;
-    // y + W_Δ o (+ residual) for y [out, m], w_delta_t = W_Δᵀ [out, D] and the reads [n_tokens, D]
-    // of which y holds the last m tokens (m < n_tokens when only the last tokens go on). y must be
-    // read by nothing else: the fused CPU op writes the sum into it.
-    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
+    // y + W_Δ o (+ residual) for layer l's y [out, m], w_delta_t = W_Δᵀ [out, D] and the reads
+    // [n_tokens, D] of which y holds the last m tokens (m < n_tokens when only the last tokens go
+    // on). y must be read by nothing else: the fused CPU op writes the sum into it.
+    ggml_tensor * correct(const dm_dmem_layer & l, ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads_t,
                           ggml_tensor * residual = nullptr) const;
-    // W_Δ o alone for the last m tokens: [out, m] (portable ops).
+    // W_Δ o alone for the last m tokens: [out, m] (device ops).
     ggml_tensor * correction(ggml_tensor * w_delta_t, ggml_tensor * reads_t, int64_t m) const;
     // Host data of the inputs (once allocated) for a plan of the same shape as the built one.
     void set_inputs(const dm_dmem_plan & call_plan) const;
@@ -87,20 +87,30 @@ private:
         ggml_tensor * packed;                          // [3D + G (+ G), n], gate biases not yet added
         ggml_tensor * q, * k, * v, * beta, * lambda;   // raw (before nonlinearities): [D or G, n]
     };
-    struct gates {
-        ggml_tensor * keep, * erase, * write;          // [1 or r, 1, H] as rows; nullptr keep = 1
-        ggml_tensor * keep_rows;                       // keep shaped [1, r or 1, H] for the state rows
+    // ggml_gated_delta_net's per-head coefficients for δ-mem's gates, each [G, n] (v_scale null: 1).
+    struct gdn_coefficients {
+        ggml_tensor * g, * beta, * v_scale;
     };
-    projections project(const dm_dmem_layer & l, ggml_tensor * x) const;
+    struct gdn_pass {
+        ggml_tensor * reads;   // [D, n]: S_t q_t' after step t's write, or null without q
+        ggml_tensor * state;   // [r, r, H]: the state after every step
+    };
+    bool          fused(const dm_dmem_layer & l) const { return fused_ops && l.on_cpu; }
+    projections   project(const dm_dmem_layer & l, ggml_tensor * x) const;
     ggml_tensor * normalize(ggml_tensor * m) const;                     // [D, n] -> [r, H, n]
-    gates         gate_values(ggml_tensor * beta_col, ggml_tensor * lambda_col) const;
     ggml_tensor * column(ggml_tensor * m, int64_t i) const;             // [rows, n] -> [rows, 1]
     ggml_tensor * heads(ggml_tensor * col) const;                       // [D, 1] -> [r, 1, H]
     ggml_tensor * read(ggml_tensor * S, ggml_tensor * q_col) const;     // -> [D, 1]
-    ggml_tensor * write(ggml_tensor * S, ggml_tensor * k_col, ggml_tensor * v_col, const gates & g) const;
-    ggml_tensor * portable(const projections & p, ggml_tensor * state);
+    int64_t       gdn_width() const;
+    gdn_coefficients coefficients(ggml_tensor * beta_logit, ggml_tensor * lambda_logit) const;
+    ggml_tensor * rows_as_heads(ggml_tensor * m) const;                 // [D, n] -> [1, r·H, n]
+    ggml_tensor * gates_as_heads(ggml_tensor * m) const;                // [G, n] -> [1, r·H, n]
+    ggml_tensor * heads_as_rows(ggml_tensor * m) const;                 // [1, r·H, n] -> [D, n]
+    gdn_pass      gdn_writes(ggml_tensor * state, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
+                             ggml_tensor * beta_logit, ggml_tensor * lambda_logit) const;
+    ggml_tensor * device_scan(const projections & p, ggml_tensor * state);
     bool          op_computes(const dm_linear & target, ggml_tensor * x) const;
-    layer_pass    fused(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x, const dm_linear & target,
-                        ggml_tensor * w_delta_t);
+    layer_pass    fused_pass(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x, const dm_linear & target,
+                             ggml_tensor * w_delta_t);
 };
 

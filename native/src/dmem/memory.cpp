@@ -1,32 +1,21 @@
 #include "dmem/memory.h"
 
 #include "common/error.h"
+#include "device/devices.h"
 #include "dmem/adapter.h"
 
-#include <ggml-alloc.h>
 
-dm_memory::~dm_memory() {
-    if (buf) ggml_backend_buffer_free(buf);
-    if (ctx) ggml_free(ctx);
-}
-
-void dm_memory::init(const dm_adapter & adapter, ggml_backend_buffer_type_t buft) {
+void dm_memory::init(const dm_adapter & adapter, const dm_placement & placement) {
     const int64_t r = adapter.cfg.rank, H = adapter.cfg.n_heads;
-    ggml_init_params params = {ggml_tensor_overhead() * (adapter.layers.size() + 1), nullptr, /*no_alloc =*/ true};
-    ctx = ggml_init(params);
-    if (!ctx) dm::fail("cannot create the δ-mem state context");
     for (const dm_dmem_layer & l : adapter.layers) {
+        ggml_context * ctx = storage.context_for(dm_layer_buffer_type(placement.layer[l.il]), adapter.layers.size());
         state.push_back(ggml_new_tensor_3d(ctx, GGML_TYPE_F32, r, r, H));
         ggml_format_name(state.back(), "dmem_state_l%d", l.il);
     }
-    buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
-    if (!buf) dm::fail("cannot allocate the δ-mem state");
-    clear();
+    storage.allocate("the δ-mem state");
 }
 
-void dm_memory::clear() {
-    if (buf) ggml_backend_buffer_clear(buf, 0);
-}
+void dm_memory::clear() { storage.clear(); }
 
 size_t dm_memory::n_floats() const {
     size_t n = 0;

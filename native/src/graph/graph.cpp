@@ -29,8 +29,8 @@ struct forward_builder {
     }
 
     // x: [head_dim, n_heads, n_tokens]
-    ggml_tensor * rope(ggml_tensor * x) const {
-        return ggml_rope_ext(ctx, x, in.pos, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_train,
+    ggml_tensor * rope(ggml_tensor * x, const dm_layer & l) const {
+        return ggml_rope_ext(ctx, x, in.pos, l.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_train,
                              hp.rope_freq_base, /*freq_scale*/ 1.0f, /*ext_factor*/ 0.0f, /*attn_factor*/ 1.0f,
                              /*beta_fast*/ 32.0f, /*beta_slow*/ 1.0f);
     }
@@ -68,16 +68,16 @@ struct forward_builder {
             q = pass.corrected;
         }
         if (!q) q = linear(l.wq, x, l.bq);
-        ggml_tensor * k = correct(linear(l.wk, x, l.bk), dw ? dw->dk_t : nullptr, reads);   // [n_embd_kv, n_tokens]
-        ggml_tensor * v = correct(linear(l.wv, x, l.bv), dw ? dw->dv_t : nullptr, reads);   // [n_embd_v_gqa, n_tokens]
+        ggml_tensor * k = correct(dl, linear(l.wk, x, l.bk), dw ? dw->dk_t : nullptr, reads);   // [n_embd_kv, n_tokens]
+        ggml_tensor * v = correct(dl, linear(l.wv, x, l.bv), dw ? dw->dv_t : nullptr, reads);   // [n_embd_v_gqa, n_tokens]
 
         q = ggml_reshape_3d(ctx, q, hp.head_dim_k, hp.n_head, n_tokens);
         k = ggml_reshape_3d(ctx, k, hp.head_dim_k, hp.n_head_kv, n_tokens);
         if (l.q_norm) q = rms_norm(q, l.q_norm);
         if (l.k_norm) k = rms_norm(k, l.k_norm);
         if (hp.rope_layer[il]) {
-            q = rope(q);
-            k = rope(k);
+            q = rope(q, l);
+            k = rope(k, l);
         }
 
         store(kv.k[il], ggml_reshape_2d(ctx, k, hp.n_embd_kv(), n_tokens));
@@ -103,15 +103,15 @@ struct forward_builder {
         const dm_dmem_layer * dl = dmem_layer(il);
         ggml_tensor * w = dl ? dmem->weights(*dl).do_t : nullptr;   // W_Δoᵀ
         if (!w) return ggml_add(ctx, h, attn_out);
-        if (!dl->do_norm) return dmem->correct(attn_out, w, reads, h);
+        if (!dl->do_norm) return dmem->correct(*dl, attn_out, w, reads, h);
         ggml_tensor * d = dmem->correction(w, reads, attn_out->ne[1]);   // [n_embd, m]
         d = ggml_mul(ctx, ggml_rms_norm(ctx, d, model.adapter->cfg.delta_o_rmsnorm_eps), dl->do_norm);
         return ggml_add(ctx, ggml_add(ctx, h, attn_out), d);
     }
 
     // y + W_Δ o, the low-rank correction of one projection (scales are folded into W_Δ).
-    ggml_tensor * correct(ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads) const {
-        return w_delta_t ? dmem->correct(y, w_delta_t, reads) : y;
+    ggml_tensor * correct(const dm_dmem_layer * dl, ggml_tensor * y, ggml_tensor * w_delta_t, ggml_tensor * reads) const {
+        return w_delta_t ? dmem->correct(*dl, y, w_delta_t, reads) : y;
     }
 
     ggml_tensor * feed_forward(int il, ggml_tensor * x) const {
@@ -176,13 +176,9 @@ int32_t dm_padded_n_kv(int32_t n_used, int32_t n_ctx) {
     return std::min(n_ctx, (n_used + pad - 1) / pad * pad);
 }
 
-size_t dm_graph_max_nodes(const dm_model & model, int32_t n_tokens, bool dmem_unrolled) {
-    size_t n = static_cast<size_t>(model.hp.n_layer) * 64 + 256;
-    if (model.adapter) {
-        const size_t per_step = 48;   // nodes of one unrolled read + write
-        const size_t steps = dmem_unrolled ? static_cast<size_t>(std::max(n_tokens, 1)) : 1;
-        n += model.adapter->layers.size() * (64 + per_step * steps);
-    }
+size_t dm_graph_max_nodes(const dm_model & model) {
+    size_t n = static_cast<size_t>(model.hp.n_layer) * 96 + 256;
+    if (model.adapter) n += model.adapter->layers.size() * 160;   // the device scan is the larger formulation
     return std::max<size_t>(2048, n);
 }
 

@@ -45,5 +45,5 @@ struct dm_graph {
 dm_graph dm_build_forward(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model, const dm_kv_cache & kv,
                           const dm_graph_shape & shape, dm_dmem_builder * dmem);
 
-// Node budget of one pass; portable δ-mem scans unroll over the tokens of the pass.
-size_t dm_graph_max_nodes(const dm_model & model, int32_t n_tokens, bool dmem_unrolled);
+// Node budget of one pass (its leaves too: the scheduler counts both); the same for every shape.
+size_t dm_graph_max_nodes(const dm_model & model);

@@ -181,6 +181,7 @@ void bind_tensors(dm_model & model, const arch_traits & traits) {
         l.ffn_gate = tc.get(blk(il, "ffn_gate.weight"), {n_embd, hp.n_ff}, true, true);
         l.ffn_up   = tc.get(blk(il, "ffn_up.weight"), {n_embd, hp.n_ff}, true, true);
         l.ffn_down = tc.get(blk(il, "ffn_down.weight"), {hp.n_ff, n_embd}, true, true);
+        l.rope_freqs = model.rope_freqs;
     }
 
     // Every tensor must be one we know: a stray tensor means a file for another architecture.
@@ -202,9 +203,35 @@ void render_metadata(dm_model & model) {
     }
 }
 
+// Every tensor a layer's graph reads.
+std::vector<ggml_tensor **> layer_tensors(dm_layer & l) {
+    return {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.bo, &l.q_norm, &l.k_norm,
+            &l.ffn_norm, &l.ffn_gate, &l.ffn_up, &l.ffn_down, &l.rope_freqs};
+}
+
+// Copies the weights of the offloaded layers (and the output) to their devices, one buffer each.
+// The token embedding stays on the host, where the input tokens are looked up.
+void offload(dm_model & model) {
+    const dm_placement & p = model.placement;
+    for (ggml_backend_dev_t dev : p.devices) {
+        std::vector<ggml_tensor **> tensors;
+        for (int il = 0; il < model.hp.n_layer; ++il) {
+            if (p.layer[il] != dev) continue;
+            for (ggml_tensor ** t : layer_tensors(model.layers[il])) tensors.push_back(t);
+        }
+        if (p.output == dev) {
+            tensors.push_back(&model.output_norm);
+            tensors.push_back(&model.output);   // a tied output gets a copy of the embedding here
+        }
+        model.device_weights.push_back(std::make_unique<dm_device_weights>());
+        dm_copy_to_device(*model.device_weights.back(), dev, tensors);
+    }
+}
+
 } // namespace
 
-void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap, bool use_repack) {
+void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap, bool use_repack,
+                        const dm_placement_params & placement) {
     model.path = path;
     model.file.open(path);
     model.gguf = model.file.gguf;
@@ -218,12 +245,15 @@ void dm_model_load_file(dm_model & model, const std::string & path, bool use_mma
     read_hparams(model, traits);
     bind_tensors(model, traits);
     model.vocab.load(model.gguf);
+    model.placement = dm_place_layers(model.hp.n_layer, placement);
     model.file.load_data(use_mmap);
-    if (use_repack) dm_repack_weights(model);
+    offload(model);
+    if (use_repack) dm_repack_weights(model);   // what stayed on the CPU
     render_metadata(model);
 }
 
 void dm_model_attach_adapter(dm_model & model, const std::string & adapter_path, bool use_mmap) {
     if (adapter_path.empty() && !dm_has_packed_adapter(model.gguf)) return;
     model.adapter = dm_adapter_load(model, adapter_path, use_mmap);
+    dm_adapter_offload(*model.adapter, model.placement);
 }

@@ -1,6 +1,8 @@
 // The model: hyper-parameters and weights read from a GGUF file, shared by every context.
 #pragma once
 
+#include "device/device_weights.h"
+#include "device/devices.h"
 #include "dmem/adapter.h"
 #include "model/repack.h"
 #include "model/weights_file.h"
@@ -56,6 +58,7 @@ struct dm_layer {
     ggml_tensor * ffn_gate = nullptr;    // [n_embd, n_ff]
     ggml_tensor * ffn_up = nullptr;      // [n_embd, n_ff]
     ggml_tensor * ffn_down = nullptr;    // [n_ff, n_embd]
+    ggml_tensor * rope_freqs = nullptr;  // [n_rot/2] the model's optional frequency factors, on this layer's device
 };
 
 struct dm_model {
@@ -66,6 +69,8 @@ struct dm_model {
 
     dm_weights_file file;                // the GGUF: metadata and weight storage
     dm_repacked_weights repacked;        // mat-mul weights moved to the repack buffer (after file: freed first)
+    dm_placement    placement;           // the device of each layer and of the output
+    std::vector<std::unique_ptr<dm_device_weights>> device_weights;   // the offloaded layers' weights, per device
     gguf_context *  gguf = nullptr;      // = file.gguf
     ggml_context *  ctx_w = nullptr;     // = file.ctx, tensor descriptors of the weights
 
@@ -86,7 +91,10 @@ struct dm_model {
     dm_model & operator=(const dm_model &) = delete;
 };
 
-// Loads and validates everything before any compute; throws dm::Error naming the key or tensor at fault.
-void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap, bool use_repack);
-// Attaches a δ-mem adapter from its own file, or the one packed in the model file (empty path).
+// Loads and validates everything before any compute, and puts the layers on their devices; throws
+// dm::Error naming the key or tensor at fault.
+void dm_model_load_file(dm_model & model, const std::string & path, bool use_mmap, bool use_repack,
+                        const dm_placement_params & placement);
+// Attaches a δ-mem adapter from its own file, or the one packed in the model file (empty path); its
+// weights go where their layers are.
 void dm_model_attach_adapter(dm_model & model, const std::string & adapter_path, bool use_mmap);

@@ -15,6 +15,11 @@ dm_model_params dm_model_default_params(void) {
     p.adapter_path = nullptr;
     p.use_mmap = true;
     p.use_repack = true;
+    p.n_gpu_layers = 0;
+    p.main_gpu = 0;
+    p.tensor_split = nullptr;
+    p.n_tensor_split = 0;
+    p.rpc_servers = nullptr;
     return p;
 }
 
@@ -23,7 +28,15 @@ dm_model * dm_model_load(const char * path, dm_model_params params) {
         if (!path) dm::fail("model path is NULL");
         dm::install_ggml_log();
         auto model = std::make_unique<dm_model>();
-        dm_model_load_file(*model, path, params.use_mmap, params.use_repack);
+        dm_placement_params placement;
+        placement.n_gpu_layers = params.n_gpu_layers;
+        placement.main_gpu = params.main_gpu;
+        if (params.n_tensor_split < 0 || (params.n_tensor_split > 0 && !params.tensor_split)) {
+            dm::fail("tensor_split is NULL or n_tensor_split (%d) is negative", params.n_tensor_split);
+        }
+        placement.tensor_split.assign(params.tensor_split, params.tensor_split + params.n_tensor_split);
+        placement.rpc_servers = params.rpc_servers ? params.rpc_servers : "";
+        dm_model_load_file(*model, path, params.use_mmap, params.use_repack, placement);
         dm_model_attach_adapter(*model, params.adapter_path ? params.adapter_path : "", params.use_mmap);
         return model.release();
     });
@@ -74,5 +87,14 @@ int32_t dm_model_meta_value(const dm_model * model, int32_t i, char * buf, size_
             buf[n] = '\0';
         }
         return static_cast<int32_t>(v.size());
+    });
+}
+
+const char * dm_model_layer_device(const dm_model * model, int32_t il) {
+    return dm::guard<const char *>(nullptr, [&] {
+        const dm_model & m = model_of(model);
+        if (il < 0 || il > m.hp.n_layer) dm::fail("layer %d is outside [0, %d]", il, m.hp.n_layer);
+        ggml_backend_dev_t dev = il == m.hp.n_layer ? m.placement.output : m.placement.layer[il];
+        return dev ? ggml_backend_dev_name(dev) : "CPU";
     });
 }

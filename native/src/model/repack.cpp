@@ -41,14 +41,19 @@ bool mul_mat_supported(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, 
     return ok;
 }
 
-// The weights that only feed mat-muls (token_embd is also read by get_rows, so it stays).
+// The weights on the CPU that only feed mat-muls (token_embd is also read by get_rows, so it stays;
+// offloaded weights live in their device's buffers).
 std::vector<ggml_tensor **> mul_mat_weights(dm_model & model) {
     std::vector<ggml_tensor **> out;
     for (dm_layer & l : model.layers) {
         for (ggml_tensor ** w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down}) out.push_back(w);
     }
     if (model.output != model.tok_embd) out.push_back(&model.output);
-    return out;
+    std::vector<ggml_tensor **> on_host;
+    for (ggml_tensor ** w : out) {
+        if ((*w)->buffer == model.file.buf) on_host.push_back(w);
+    }
+    return on_host;
 }
 
 } // namespace
