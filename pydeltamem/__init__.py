@@ -13,10 +13,10 @@ except ImportError:
             "Run Python from another folder to use the installed package, or build the engine in place "
             "with `pip install -e .`") from None
     raise
-from .model import Context, Model
+from .model import Context, Model, decode_batch
 from .sampling import SamplingParams
 
-__all__ = ["Model", "Context", "SamplingParams", "devices", "get_include", "get_lib_dir", "system_info"]
+__all__ = ["Model", "Context", "SamplingParams", "decode_batch", "devices", "get_include", "get_lib_dir", "system_info"]
 __version__ = "0.1.0"
 
 

@@ -138,6 +138,14 @@ class Model:
         self._shared: completion.GenerationSlot | None = None   # the context completions share, made on first use
         self._shared_lock = threading.Lock()
 
+    def decode_batch(self, contexts: Sequence["Context"], tokens: Sequence[Sequence[int]], logits: str = "last",
+                     **kwargs: Any) -> list[np.ndarray | None]:
+        """pydeltamem.decode_batch over contexts of this model."""
+        for i, c in enumerate(contexts):
+            if getattr(c, "model", None) is not self:
+                raise ValueError(f"decode_batch: context {i} belongs to another Model")
+        return decode_batch(contexts, tokens, logits, **kwargs)
+
     def layer_device(self, layer: int) -> str:
         """Name of the device computing a layer ("CPU", "CUDA0", "RPC0", ...); layer n_layer is the output."""
         return self._native.layer_device(layer)
@@ -209,7 +217,8 @@ class Model:
                 poll: int | None = None) -> "Context":
         """A new sequence with its own KV cache (and δ-mem state); defaults come from the Model.
 
-        dmem_fused=False runs δ-mem prefill scans with portable ggml ops instead of the fused CPU kernel.
+        dmem_fused=False runs the δ-mem of CPU layers as the device formulation (ggml_gated_delta_net,
+        what offloaded layers run) instead of the fused CPU kernels.
         poll (0..100, as llama.cpp's --poll) is how long the idle worker threads poll for the next
         pass before they sleep: 0 when several contexts take turns in one process (each pool's
         spinning threads would slow the others) or when idle cores matter more than wake-up latency.
@@ -362,6 +371,41 @@ class Model:
                 raise ValueError("pass either adapter (a GGUF file) or adapter_repo (a Hub release), not both")
             kwargs["adapter"] = adapter_gguf_from_hub(adapter_repo, path, cache_dir=cache_dir, revision=adapter_revision)
         return cls(path, **kwargs)
+
+
+def decode_batch(contexts: Sequence["Context"], tokens: Sequence[Sequence[int]], logits: str = "last", *,
+                 message_ids: Sequence[Sequence[int] | None] | None = None,
+                 sentence_ids: Sequence[Sequence[int] | None] | None = None,
+                 write: bool | Sequence[bool] = True) -> list[np.ndarray | None]:
+    """Decodes tokens[i] into contexts[i] for every i in shared forward passes: each weight is read
+    once for all the tokens; attention and δ-mem run per context, over its own KV cache and memory.
+    Each context ends exactly as contexts[i].decode(tokens[i], ...) alone would leave it, and the
+    result is the list of what those calls would return. message_ids / sentence_ids: one list (or
+    None) per context; write: one flag for all, or one per context. The contexts must be of one
+    model, each in the batch once; on any error (ValueError naming the context) none of them
+    changes."""
+    contexts = list(contexts)
+    if not contexts:
+        raise ValueError("decode_batch: no contexts")
+    if logits not in _LOGITS:
+        raise ValueError(f"logits must be one of {sorted(_LOGITS)}, got {logits!r}")
+    n = len(contexts)
+    token_lists = [_token_list(t) for t in tokens]
+    per_context = {"tokens": token_lists, "message_ids": [None] * n if message_ids is None else list(message_ids),
+                   "sentence_ids": [None] * n if sentence_ids is None else list(sentence_ids),
+                   "write": [bool(write)] * n if isinstance(write, (bool, np.bool_)) else [bool(w) for w in write]}
+    for name, values in per_context.items():
+        if len(values) != n:
+            raise ValueError(f"decode_batch: {len(values)} entries in {name} for {n} contexts")
+    for i, c in enumerate(contexts):
+        if not isinstance(c, Context):
+            raise ValueError(f"decode_batch: context {i} is a {type(c).__name__}, not a pydeltamem.Context")
+        if c.model is not contexts[0].model:
+            raise ValueError(f"decode_batch: context {i} belongs to another Model than context 0")
+    seg_ids = [c._segment_ids(len(t), m, s) for c, t, m, s in
+               zip(contexts, token_lists, per_context["message_ids"], per_context["sentence_ids"])]
+    outs = _core.decode_batch([c._native for c in contexts], token_lists, _LOGITS[logits], seg_ids, per_context["write"])
+    return [None if logits == "none" else o for o in outs]
 
 
 class Context:

@@ -390,3 +390,23 @@ def test_gpu_close_frees_device_memory(backbone):
     m.close()
     assert used > 16 << 20, f"the KV cache should be on the GPU (used {used} bytes)"
     assert before - free() < used / 8, "closing must give the GPU's memory back"
+
+
+@needs_rpc
+def test_batched_decode_on_rpc_equals_decoding_alone(backbone, rpc_servers, tmp_path):
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["released"], outtype="f32")
+    rng = np.random.default_rng(6)
+    toks = [rng.integers(0, hf_model.config.vocab_size, k).tolist() for k in (9, 1, 17)]
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64, n_gpu_layers=-1, rpc_servers=rpc_servers[:1]) as m:
+        batched = [m.context(kv_type="f32") for _ in toks]
+        alone = [m.context(kv_type="f32") for _ in toks]
+        for step in range(3):
+            calls = toks if step == 0 else [[int(rng.integers(0, 50))] for _ in toks]
+            got = pydeltamem.decode_batch(batched, calls, "last")
+            for g, c, t in zip(got, alone, calls):
+                assert rel_err(g, c.decode(t, "last")) <= DEVICE_TOL
+        for b, a in zip(batched, alone):
+            np.testing.assert_allclose(b.memory, a.memory, rtol=1e-4, atol=1e-5)
+        for c in batched + alone:
+            c.close()

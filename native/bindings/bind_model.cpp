@@ -5,6 +5,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -82,6 +84,64 @@ py::array_t<float> decode(ContextHandle & c, const std::vector<dm_token> & token
     }
     c.check(rc == 0);
     return out;
+}
+
+// Exclusive uses of every context of a batch, taken in one global order (by address), so that two
+// threads batching overlapping sets cannot wait for each other.
+std::vector<std::unique_ptr<ContextHandle::use>> use_all(const std::vector<ContextHandle *> & handles) {
+    for (size_t i = 0; i < handles.size(); ++i) {
+        for (size_t j = 0; j < i; ++j) {
+            if (handles[i] == handles[j]) throw py::value_error("decode_batch: context " + std::to_string(i) + " is context " + std::to_string(j) + " again: each context may be in a batch once");
+        }
+    }
+    std::vector<size_t> order(handles.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return std::less<ContextHandle *>()(handles[a], handles[b]); });
+    std::vector<std::unique_ptr<ContextHandle::use>> uses(handles.size());
+    for (size_t i : order) {
+        try {
+            uses[i] = std::make_unique<ContextHandle::use>(*handles[i]);
+        } catch (const py::builtin_exception & e) {
+            throw py::value_error("decode_batch: context " + std::to_string(i) + ": " + e.what());
+        }
+    }
+    return uses;
+}
+
+py::list decode_batch(const std::vector<ContextHandle *> & handles, const std::vector<std::vector<dm_token>> & tokens,
+                      int which, const std::vector<std::optional<std::vector<int32_t>>> & seg_ids,
+                      const std::vector<bool> & writes) {
+    const size_t n = handles.size();
+    if (n == 0) throw py::value_error("decode_batch: no contexts");
+    if (tokens.size() != n || seg_ids.size() != n || writes.size() != n) {
+        throw py::value_error("decode_batch: one token list, id list and write flag per context");
+    }
+    for (size_t i = 0; i < n; ++i) {
+        if (seg_ids[i] && seg_ids[i]->size() != tokens[i].size()) {
+            throw py::value_error("decode_batch: context " + std::to_string(i) + ": seg_ids must have one id per token");
+        }
+    }
+    const auto uses = use_all(handles);
+    std::vector<py::array_t<float>> outs;
+    std::vector<dm_batch_entry> entries(n);
+    for (size_t i = 0; i < n; ++i) {
+        const auto n_vocab = static_cast<py::ssize_t>(handles[i]->n_vocab());
+        const auto n_rows = static_cast<py::ssize_t>(tokens[i].size());
+        outs.push_back(which == DM_LOGITS_ALL ? py::array_t<float>({n_rows, n_vocab})
+                                              : py::array_t<float>(which == DM_LOGITS_NONE ? 0 : n_vocab));
+        entries[i] = {uses[i]->object, tokens[i].data(), static_cast<int32_t>(tokens[i].size()),
+                      seg_ids[i] ? seg_ids[i]->data() : nullptr, static_cast<bool>(writes[i]),
+                      which == DM_LOGITS_NONE ? nullptr : outs.back().mutable_data()};
+    }
+    int32_t rc = 0;
+    {
+        py::gil_scoped_release release;
+        rc = dm_decode_batch(entries.data(), static_cast<int32_t>(n), static_cast<dm_logits>(which));
+    }
+    handles[0]->check(rc == 0);
+    py::list result;
+    for (auto & o : outs) result.append(o);
+    return result;
 }
 
 py::array_t<float> memory_get(ContextHandle & c) {
@@ -182,6 +242,9 @@ void bind_model(py::module_ & m) {
                  self.check(dm_context_truncate(u.object, keep) == 0);
              },
              py::arg("n"), "Keeps the first n tokens of the sequence.");
+
+    m.def("decode_batch", &decode_batch, py::arg("contexts"), py::arg("tokens"), py::arg("which"), py::arg("seg_ids"),
+          py::arg("writes"), "One forward pass (or a few) over the new tokens of several contexts of one model.");
 
     m.attr("LOGITS_NONE") = static_cast<int>(DM_LOGITS_NONE);
     m.attr("LOGITS_LAST") = static_cast<int>(DM_LOGITS_LAST);

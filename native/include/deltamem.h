@@ -146,6 +146,22 @@ int32_t dm_decode(dm_context * ctx, const dm_token * tokens, int32_t n_tokens,
 int32_t dm_decode_ext(dm_context * ctx, const dm_token * tokens, int32_t n_tokens, enum dm_logits which,
                       float * logits_out, const int32_t * seg_ids, bool write);
 
+// One context's part of a batched decode.
+struct dm_batch_entry {
+    dm_context *     ctx;
+    const dm_token * tokens;
+    int32_t          n_tokens;
+    const int32_t *  seg_ids;   // NULL, or one id per token (as dm_decode_ext)
+    bool             write;     // false: reads the memory only
+    float *          logits;    // as dm_decode's logits_out (n_vocab floats, or n_tokens * n_vocab)
+};
+// Decodes every entry's tokens into its context (all of one model, each once) in shared forward
+// passes: every weight is read once for all the tokens, attention and δ-mem run per context over
+// its own cache and memory. Each context ends as dm_decode_ext of its tokens alone would leave it.
+// Returns 0, or -1 with every context as it was before the call, its memory included (the error
+// names the entry at fault: "context 2: ...").
+int32_t dm_decode_batch(const struct dm_batch_entry * entries, int32_t n_entries, enum dm_logits which);
+
 dm_model * dm_context_model(const dm_context * ctx);
 
 // ---- δ-mem memory and context state ---------------------------------------------------------------

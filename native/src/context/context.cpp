@@ -3,6 +3,7 @@
 #include "common/error.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <fstream>
 #include <optional>
@@ -28,7 +29,11 @@ int32_t dm_physical_cores() {
     return static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), params(p) {
+namespace {
+std::atomic<uint64_t> g_next_context_id{1};
+}
+
+dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), params(p), id(g_next_context_id++) {
     if (params.n_ctx <= 0) params.n_ctx = m.hp.n_ctx_train;
     if (params.n_batch <= 0) fail("n_batch must be positive, got %d", params.n_batch);
     params.n_batch = std::min(params.n_batch, params.n_ctx);
@@ -80,18 +85,23 @@ void dm_context::init_backends() {
     ggml_backend_cpu_set_n_threads(cpu.get(), params.n_threads);
     ggml_backend_cpu_set_threadpool(cpu.get(), threadpool.get());
 
-    std::vector<ggml_backend_t> all;
     for (ggml_backend_dev_t dev : model->placement.devices) {
         devices.emplace_back(ggml_backend_dev_init(dev, nullptr));
         if (!devices.back()) fail("cannot initialise device %s (%s)", ggml_backend_dev_name(dev), ggml_backend_dev_description(dev));
-        all.push_back(devices.back().get());
     }
+    sched = new_scheduler(2 * dm_graph_max_nodes(*model));
+}
+
+dm_sched_ptr dm_context::new_scheduler(size_t graph_size) const {
+    std::vector<ggml_backend_t> all;
+    for (const ggml_backend_ptr & d : devices) all.push_back(d.get());
     all.push_back(cpu.get());
     // op_offload off: a weight on the host stays there (copying it to a device per pass, over RPC
     // at that, costs more than computing it where it is).
-    sched.reset(ggml_backend_sched_new(all.data(), nullptr, static_cast<int>(all.size()), 2 * dm_graph_max_nodes(*model),
-                                       /*parallel =*/ false, /*op_offload =*/ false));
-    if (!sched) fail("cannot create the backend scheduler");
+    dm_sched_ptr s(ggml_backend_sched_new(all.data(), nullptr, static_cast<int>(all.size()), graph_size,
+                                          /*parallel =*/ false, /*op_offload =*/ false));
+    if (!s) fail("cannot create the backend scheduler");
+    return s;
 }
 
 dm_context::~dm_context() { drop_cached_graph(); }
@@ -126,27 +136,26 @@ void dm_context::validate(const dm_token * toks, int32_t n_tokens) const {
     }
 }
 
-void dm_context::set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape) {
-    const int32_t n_kv = shape.n_kv;
-    const int32_t n_past = this->n_past();
-    pos_buf.resize(shape.n_tokens);
-    idx_buf.resize(shape.n_tokens);
-    for (int32_t i = 0; i < shape.n_tokens; ++i) {
-        pos_buf[i] = n_past + i;
-        idx_buf[i] = n_past + i;
-    }
-
+void dm_fill_pass_inputs(int32_t n_past, int32_t n_tokens, int32_t n_kv, int32_t * pos, int64_t * idx, ggml_fp16_t * mask) {
     // Causal mask: token i (at position n_past + i) sees cache cells 0 ..= n_past + i; the padding
     // cells after them hold nothing yet (or stale rows) and are masked too.
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
     const ggml_fp16_t minus_inf = ggml_fp32_to_fp16(-INFINITY);
-    mask_buf.resize(static_cast<size_t>(n_kv) * shape.n_tokens);
-    for (int32_t i = 0; i < shape.n_tokens; ++i) {
-        ggml_fp16_t * row = mask_buf.data() + static_cast<size_t>(i) * n_kv;
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        pos[i] = n_past + i;
+        idx[i] = n_past + i;
+        ggml_fp16_t * row = mask + static_cast<size_t>(i) * n_kv;
         const int32_t visible = n_past + i + 1;
         std::fill(row, row + visible, zero);
         std::fill(row + visible, row + n_kv, minus_inf);
     }
+}
+
+void dm_context::set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape) {
+    pos_buf.resize(shape.n_tokens);
+    idx_buf.resize(shape.n_tokens);
+    mask_buf.resize(static_cast<size_t>(shape.n_kv) * shape.n_tokens);
+    dm_fill_pass_inputs(n_past(), shape.n_tokens, shape.n_kv, pos_buf.data(), idx_buf.data(), mask_buf.data());
     ggml_backend_tensor_set(g.in.tokens, toks, 0, ggml_nbytes(g.in.tokens));
     ggml_backend_tensor_set(g.in.pos, pos_buf.data(), 0, ggml_nbytes(g.in.pos));
     ggml_backend_tensor_set(g.in.mask, mask_buf.data(), 0, ggml_nbytes(g.in.mask));

@@ -85,13 +85,23 @@ struct dm_context {
     // Keeps the first n tokens of the sequence (later KV cells are simply ignored).
     void truncate(int32_t n);
 
-private:
+    // Throws dm::Error on tokens this context cannot take (bad ids, empty, overflow).
     void validate(const dm_token * toks, int32_t n_tokens) const;
+    // Tokens a pass takes: n_batch, or the whole call for segment-mean writes (they average over it).
+    int32_t chunk_size(int32_t n_tokens, const int32_t * seg_ids, bool write) const;
+
     bool abort_requested() const { return abort_callback && abort_callback(abort_data); }
+
+    const uint64_t id;   // unique for the process's life (an address may be reused by a later context)
+    std::shared_ptr<struct dm_batch_runner> batch;   // graphs of the batched passes this context leads
+    // A scheduler over this context's backends (devices first, the CPU last) for graphs of up to
+    // graph_size nodes and leaves.
+    dm_sched_ptr new_scheduler(size_t graph_size) const;
+
+private:
     // One forward pass over a chunk of at most n_batch tokens.
     void run_pass(const dm_token * toks, const int32_t * seg_ids, int32_t n_tokens, int32_t n_outputs,
                   float * logits_out, bool write);
-    int32_t chunk_size(int32_t n_tokens, const int32_t * seg_ids, bool write) const;
     void set_inputs(const dm_graph & g, const dm_token * toks, const dm_graph_shape & shape);
     // The graph for this pass: the cached one when the shape matches, else a new one, allocated.
     const cached_graph & graph_for(const dm_graph_shape & shape, const dm_dmem_plan & plan);
@@ -99,6 +109,10 @@ private:
     ggml_context * new_graph_context(size_t max_nodes);
     void init_backends();
 };
+
+// Positions, cache cells and causal mask of n_tokens new tokens after n_past, attending n_kv cells:
+// pos [n_tokens], idx [n_tokens], mask [n_tokens][n_kv] (0, or -inf for cells a token must not see).
+void dm_fill_pass_inputs(int32_t n_past, int32_t n_tokens, int32_t n_kv, int32_t * pos, int64_t * idx, ggml_fp16_t * mask);
 
 // Physical cores of this machine (falls back to logical CPUs).
 int32_t dm_physical_cores();

@@ -2,6 +2,7 @@
 #include <deltamem.h>
 
 #include "common/error.h"
+#include "context/batch.h"
 #include "context/context.h"
 
 #include <algorithm>
@@ -63,6 +64,19 @@ int32_t dm_decode_ext(dm_context * ctx, const dm_token * tokens, int32_t n_token
                       const int32_t * seg_ids, bool write) {
     return dm::guard<int32_t>(-1, [&] {
         context_of(ctx).decode(tokens, n_tokens, which, logits_out, seg_ids, write);
+        return 0;
+    });
+}
+
+int32_t dm_decode_batch(const dm_batch_entry * entries, int32_t n_entries, dm_logits which) {
+    return dm::guard<int32_t>(-1, [&] {
+        if (!entries || n_entries <= 0) dm::fail("decode_batch: no entries (NULL or n_entries <= 0)");
+        std::vector<dm_batch_item> items;
+        for (int32_t i = 0; i < n_entries; ++i) {
+            const dm_batch_entry & e = entries[i];
+            items.push_back({e.ctx, e.tokens, e.n_tokens, e.seg_ids, e.write, e.logits});
+        }
+        dm_decode_batch(items, which);
         return 0;
     });
 }

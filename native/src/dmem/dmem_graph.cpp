@@ -59,12 +59,16 @@ void dm_dmem_builder::set_inputs(const dm_dmem_plan & call_plan) const {
 }
 
 dm_dmem_builder::projections dm_dmem_builder::project(const dm_dmem_layer & l, ggml_tensor * x) const {
+    return slices(l, ggml_mul_mat(ctx, l.f32.w_in, x));   // [3D + G (+ G), n]
+}
+
+dm_dmem_builder::projections dm_dmem_builder::slices(const dm_dmem_layer & l, ggml_tensor * packed) const {
     const int64_t D = adapter.cfg.width(), G = adapter.cfg.gate_width;
     projections p{};
-    p.packed = ggml_mul_mat(ctx, l.f32.w_in, x);   // [3D + G (+ G), n]
-    if (fused(l)) return p;                        // the kernel slices it and adds the gate biases itself
+    p.packed = packed;
+    if (fused(l)) return p;   // the kernel slices it and adds the gate biases itself
     auto rows = [&](int64_t first, int64_t count) {
-        return ggml_cont(ctx, ggml_view_2d(ctx, p.packed, count, p.packed->ne[1], p.packed->nb[1],
+        return ggml_cont(ctx, ggml_view_2d(ctx, packed, count, packed->ne[1], packed->nb[1],
                                            static_cast<size_t>(first) * sizeof(float)));
     };
     auto bias = [&](int64_t first) {
@@ -251,9 +255,24 @@ bool dm_dmem_builder::op_computes(const dm_linear & target, ggml_tensor * x) con
     return traits->vec_dot && ggml_get_type_traits_cpu(traits->vec_dot_type)->from_float;
 }
 
+ggml_tensor * dm_dmem_builder::memory_op(ggml_tensor ** args, int64_t size) {
+    if (!op) op = std::make_shared<dm_memory_op>(adapter.cfg);
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, size, 1, 1, 1, args, 9, dm_memory_op_cpu, GGML_N_TASKS_MAX,
+                                       op.get());
+    // The op also writes the state: it must run even where nothing reads o (the last layer of a prefill).
+    ggml_build_forward_expand(gf, out);
+    return out;
+}
+
+ggml_tensor * dm_dmem_builder::scan_projected(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * packed) {
+    if (!fused(l)) return device_scan(slices(l, packed), state);
+    ggml_tensor * args[] = {packed, l.b_in, state, in.plan, nullptr, nullptr, nullptr, nullptr, nullptr};
+    ggml_tensor * out = memory_op(args, dm_memory_op_size(n_tokens, adapter.cfg.width(), 0, 0));
+    return ggml_view_2d(ctx, out, n_tokens, adapter.cfg.width(), n_tokens * sizeof(float), 0);   // [n_tokens, D]
+}
+
 dm_dmem_builder::layer_pass dm_dmem_builder::fused_pass(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
                                                    const dm_linear & target, ggml_tensor * w_delta_t) {
-    if (!op) op = std::make_shared<dm_memory_op>(adapter.cfg);
     const int64_t D = adapter.cfg.width();
     const bool project_inside = n_tokens <= k_few_tokens && ggml_is_contiguous(x);
     ggml_tensor * w_in = weights(l).w_in;
@@ -267,10 +286,7 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused_pass(const dm_dmem_layer & l,
     ggml_tensor * args[] = {project_inside ? x : project(l, x).packed, l.b_in, state, in.plan,
                             project_inside ? w_in : nullptr, ride ? y : nullptr, rows ? w_delta_t : nullptr,
                             own ? target.w : nullptr, own ? target.bias : nullptr};
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, size, 1, 1, 1, args, 9, dm_memory_op_cpu,
-                                       GGML_N_TASKS_MAX, op.get());
-    // The op also writes the state: it must run even where nothing reads o (the last layer of a prefill).
-    ggml_build_forward_expand(gf, out);
+    ggml_tensor * out = memory_op(args, size);
     layer_pass r{};
     r.reads = ggml_view_2d(ctx, out, n_tokens, D, n_tokens * sizeof(float), 0);   // [n_tokens, D]
     if (rows) {

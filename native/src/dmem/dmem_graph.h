@@ -69,6 +69,10 @@ struct dm_dmem_builder {
     // computed and corrected in the same op where the fused ops allow.
     layer_pass read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x,
                               const dm_linear & target, ggml_tensor * w_delta_t);
+    // The same for one sequence of a batched pass, from its columns packed [3D + G (+ G), n_tokens]
+    // of the batch's projections (w_in x over every token, gate biases not added): its reads
+    // [n_tokens, D]. The corrections of the batch then take every sequence's reads at once.
+    ggml_tensor * scan_projected(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * packed);
     // The layer's packed weights this pass uses: f16 ones (when the adapter has them) for the
     // few-token passes of the fused ops, f32 otherwise.
     const dm_dmem_packed & weights(const dm_dmem_layer & l) const;
@@ -97,6 +101,8 @@ private:
     };
     bool          fused(const dm_dmem_layer & l) const { return fused_ops && l.on_cpu; }
     projections   project(const dm_dmem_layer & l, ggml_tensor * x) const;
+    projections   slices(const dm_dmem_layer & l, ggml_tensor * packed) const;
+    ggml_tensor * memory_op(ggml_tensor ** args, int64_t size);         // the fused CPU op, in the graph
     ggml_tensor * normalize(ggml_tensor * m) const;                     // [D, n] -> [r, H, n]
     ggml_tensor * column(ggml_tensor * m, int64_t i) const;             // [rows, n] -> [rows, 1]
     ggml_tensor * heads(ggml_tensor * col) const;                       // [D, 1] -> [r, 1, H]

@@ -35,64 +35,77 @@ struct forward_builder {
                              /*beta_fast*/ 32.0f, /*beta_slow*/ 1.0f);
     }
 
-    // Writes this pass's keys or values into the cache cells named by the kv_idx input.
-    void store(ggml_tensor * cache, ggml_tensor * cur /* [width, n_tokens] */) const {
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, cache, cur, in.kv_idx));
-    }
+    // One sequence's view of a pass: its cache, the cells it attends and writes, its mask.
+    struct seq_attention {
+        const dm_kv_cache * kv;
+        int32_t             n_kv;     // cache cells attended
+        ggml_tensor *       mask;     // [n_kv, n_tokens] f16
+        ggml_tensor *       kv_idx;   // [n_tokens] i64, the cells this pass writes
+    };
 
     // The first n_kv cached rows of a layer as [head_dim, n_kv, n_head_kv].
-    ggml_tensor * cached_heads(ggml_tensor * cache, int64_t head_dim) const {
+    ggml_tensor * cached_heads(ggml_tensor * cache, int64_t head_dim, int32_t n_kv) const {
         const int64_t n_heads = cache->ne[0] / head_dim;
-        ggml_tensor * view = ggml_view_3d(ctx, cache, head_dim, n_heads, shape.n_kv,
+        ggml_tensor * view = ggml_view_3d(ctx, cache, head_dim, n_heads, n_kv,
                                           ggml_row_size(cache->type, head_dim), cache->nb[1], 0);
         return ggml_permute(ctx, view, 0, 2, 1, 3);
     }
 
-    // Self-attention of layer il on normalised input x: [n_embd, n_tokens] -> [n_embd, n_tokens],
-    // before Δo (add_attention applies it); the δ-mem reads [n_tokens, D] go to *reads.
-    ggml_tensor * attention(int il, ggml_tensor * x, ggml_tensor ** reads_out) {
+    // q, k and v of layer il for n tokens of x, with their δ-mem corrections from the reads
+    // [n, D] (none: null) and q already corrected when given; normalised and rotated.
+    struct qkv { ggml_tensor * q, * k, * v; };   // [head_dim, n_head(_kv), n], v [n_embd_v_gqa, n]
+    qkv project(int il, ggml_tensor * x, ggml_tensor * q, ggml_tensor * reads) const {
         const dm_layer & l = model.layers[il];
-        const int64_t n_tokens = shape.n_tokens;
-
-        // δ-mem reads the memory from the same normalised input; its corrections go in
-        // before q/k-norm and RoPE (Δq, Δk, Δv) and after the output projection (Δo).
-        const dm_dmem_layer * dl = dmem_layer(il);
+        const dm_dmem_layer * dl = reads ? dmem_layer(il) : nullptr;
         const dm_dmem_packed * dw = dl ? &dmem->weights(*dl) : nullptr;
-        ggml_tensor * q = nullptr;        // [n_embd_q, n_tokens]
-        ggml_tensor * reads = nullptr;    // [n_tokens, D]
-        if (dl) {   // q, when it is a delta head, comes corrected out of the memory op
-            const dm_linear wq = dw->dq_t ? dm_linear{l.wq, l.bq, l.wq->buffer != model.repacked.buf}
-                                          : dm_linear{};
-            const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x, wq, dw->dq_t);
-            reads = pass.reads;
-            q = pass.corrected;
-        }
-        if (!q) q = linear(l.wq, x, l.bq);
-        ggml_tensor * k = correct(dl, linear(l.wk, x, l.bk), dw ? dw->dk_t : nullptr, reads);   // [n_embd_kv, n_tokens]
-        ggml_tensor * v = correct(dl, linear(l.wv, x, l.bv), dw ? dw->dv_t : nullptr, reads);   // [n_embd_v_gqa, n_tokens]
-
-        q = ggml_reshape_3d(ctx, q, hp.head_dim_k, hp.n_head, n_tokens);
-        k = ggml_reshape_3d(ctx, k, hp.head_dim_k, hp.n_head_kv, n_tokens);
+        const int64_t n = x->ne[1];
+        if (!q) q = correct(dl, linear(l.wq, x, l.bq), dw ? dw->dq_t : nullptr, reads);
+        ggml_tensor * k = correct(dl, linear(l.wk, x, l.bk), dw ? dw->dk_t : nullptr, reads);   // [n_embd_kv, n]
+        ggml_tensor * v = correct(dl, linear(l.wv, x, l.bv), dw ? dw->dv_t : nullptr, reads);   // [n_embd_v_gqa, n]
+        q = ggml_reshape_3d(ctx, q, hp.head_dim_k, hp.n_head, n);
+        k = ggml_reshape_3d(ctx, k, hp.head_dim_k, hp.n_head_kv, n);
         if (l.q_norm) q = rms_norm(q, l.q_norm);
         if (l.k_norm) k = rms_norm(k, l.k_norm);
         if (hp.rope_layer[il]) {
             q = rope(q, l);
             k = rope(k, l);
         }
+        return {q, k, v};
+    }
 
-        store(kv.k[il], ggml_reshape_2d(ctx, k, hp.n_embd_kv(), n_tokens));
-        store(kv.v[il], v);
-
-        ggml_tensor * qh = ggml_permute(ctx, q, 0, 2, 1, 3);   // [head_dim, n_tokens, n_head]
-        ggml_tensor * kh = cached_heads(kv.k[il], hp.head_dim_k);
-        ggml_tensor * vh = cached_heads(kv.v[il], hp.head_dim_v);
+    // Stores one sequence's keys and values of layer il and attends over its cache: [n_embd_o, n].
+    ggml_tensor * attend(int il, const qkv & t, const seq_attention & s) const {
+        const int64_t n = t.q->ne[2];
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, s.kv->k[il], ggml_reshape_2d(ctx, t.k, hp.n_embd_kv(), n), s.kv_idx));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, s.kv->v[il], t.v, s.kv_idx));
+        ggml_tensor * qh = ggml_permute(ctx, t.q, 0, 2, 1, 3);   // [head_dim, n, n_head]
+        ggml_tensor * kh = cached_heads(s.kv->k[il], hp.head_dim_k, s.n_kv);
+        ggml_tensor * vh = cached_heads(s.kv->v[il], hp.head_dim_v, s.n_kv);
         const float scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim_k));
-        ggml_tensor * att = ggml_flash_attn_ext(ctx, qh, kh, vh, in.mask, scale, 0.0f, 0.0f);
+        ggml_tensor * att = ggml_flash_attn_ext(ctx, qh, kh, vh, s.mask, scale, 0.0f, 0.0f);
         ggml_flash_attn_ext_set_prec(att, GGML_PREC_F32);
-        att = ggml_reshape_2d(ctx, att, hp.n_embd_o(), n_tokens);   // [n_embd_o, n_tokens]
+        return ggml_reshape_2d(ctx, att, hp.n_embd_o(), n);
+    }
 
+    // Self-attention of layer il on normalised input x: [n_embd, n_tokens] -> [n_embd, n_tokens],
+    // before Δo (add_attention applies it); the δ-mem reads [n_tokens, D] go to *reads.
+    ggml_tensor * attention(int il, ggml_tensor * x, ggml_tensor ** reads_out) {
+        const dm_layer & l = model.layers[il];
+        // δ-mem reads the memory from the same normalised input; its corrections go in
+        // before q/k-norm and RoPE (Δq, Δk, Δv) and after the output projection (Δo).
+        const dm_dmem_layer * dl = dmem_layer(il);
+        ggml_tensor * q = nullptr;        // [n_embd_q, n_tokens]
+        ggml_tensor * reads = nullptr;    // [n_tokens, D]
+        if (dl) {   // q, when it is a delta head, comes corrected out of the memory op
+            const dm_dmem_packed & dw = dmem->weights(*dl);
+            const dm_linear wq = dw.dq_t ? dm_linear{l.wq, l.bq, l.wq->buffer != model.repacked.buf} : dm_linear{};
+            const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x, wq, dw.dq_t);
+            reads = pass.reads;
+            q = pass.corrected;
+        }
+        const qkv t = project(il, x, q, reads);
         *reads_out = reads;
-        return linear(l.wo, att, l.bo);   // [n_embd, n_tokens]
+        return linear(l.wo, attend(il, t, {&kv, shape.n_kv, in.mask, in.kv_idx}), l.bo);   // [n_embd, n_tokens]
     }
 
     const dm_dmem_layer * dmem_layer(int il) const { return dmem ? model.adapter->for_layer(il) : nullptr; }
@@ -167,9 +180,96 @@ struct forward_builder {
         }
         return g;
     }
+
+    // ---- a batched pass: several sequences, weights read once for all their tokens -------------
+
+    ggml_tensor * columns(ggml_tensor * m, int64_t first, int64_t n) const {   // the last dimension's [first, first + n)
+        const int d = ggml_n_dims(m) - 1;
+        return d == 1 ? ggml_view_2d(ctx, m, m->ne[0], n, m->nb[1], first * m->nb[1])
+                      : ggml_view_3d(ctx, m, m->ne[0], m->ne[1], n, m->nb[1], m->nb[2], first * m->nb[2]);
+    }
+
+    static ggml_tensor * append(ggml_context * c, ggml_tensor * a, ggml_tensor * b, int dim) {
+        return a ? ggml_concat(c, a, b, dim) : b;
+    }
+
+    // Layer il's attention for every sequence of the batch: the projections (δ-mem's too) over all
+    // tokens at once, each sequence's memory scan over its own state and its attention over its
+    // own cache. x [n_embd, T] -> [n_embd, T]; the reads [T, D] go to *reads_out.
+    ggml_tensor * batch_attention(int il, ggml_tensor * x, std::vector<dm_batch_seq> & seqs, ggml_tensor ** reads_out) {
+        const dm_layer & l = model.layers[il];
+        const dm_dmem_layer * dl = dmem_layer(il);
+        ggml_tensor * reads = nullptr;   // [T, D]
+        if (dl) {
+            ggml_tensor * packed = ggml_mul_mat(ctx, dl->f32.w_in, x);   // [3D + G (+ G), T]
+            int64_t first = 0;
+            for (dm_batch_seq & s : seqs) {
+                ggml_tensor * state = s.dmem->memory.state[model.adapter->slot_of_layer[il]];
+                reads = append(ctx, reads, s.dmem->scan_projected(*dl, state, columns(packed, first, s.shape.n_tokens)), 0);
+                first += s.shape.n_tokens;
+            }
+        }
+        const qkv t = project(il, x, nullptr, reads);
+        ggml_tensor * att = nullptr;   // [n_embd_o, T]
+        int64_t first = 0;
+        for (const dm_batch_seq & s : seqs) {
+            const int64_t n = s.shape.n_tokens;
+            const qkv ts{columns(t.q, first, n), columns(t.k, first, n), columns(t.v, first, n)};
+            att = append(ctx, att, attend(il, ts, {s.kv, s.shape.n_kv, s.mask, s.kv_idx}), 1);
+            first += n;
+        }
+        *reads_out = reads;
+        return linear(l.wo, att, l.bo);
+    }
+
+    dm_batch_graph build_batch(std::vector<dm_batch_seq> & seqs) {
+        int64_t n_out = 0;
+        for (dm_batch_seq & s : seqs) {
+            s.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.shape.n_kv, s.shape.n_tokens);
+            s.kv_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, s.shape.n_tokens);
+            ggml_set_input(s.mask);
+            ggml_set_input(s.kv_idx);
+            if (s.dmem) s.dmem->make_inputs();
+            n_out += s.shape.n_outputs;
+        }
+        in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
+        in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
+        ggml_set_input(in.tokens);
+        ggml_set_input(in.pos);
+        ggml_tensor * h = ggml_get_rows(ctx, model.tok_embd, in.tokens);   // [n_embd, T]
+        for (int il = 0; il < hp.n_layer; ++il) {
+            ggml_tensor * reads = nullptr;
+            ggml_tensor * attn_out = batch_attention(il, rms_norm(h, model.layers[il].attn_norm), seqs, &reads);
+            h = add_attention(il, h, attn_out, reads);
+            h = ggml_add(ctx, h, feed_forward(il, rms_norm(h, model.layers[il].ffn_norm)));
+        }
+        dm_batch_graph g;
+        g.gf = gf;
+        g.tokens = in.tokens;
+        g.pos = in.pos;
+        if (n_out > 0) {
+            g.out_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_out);
+            ggml_set_input(g.out_idx);
+            ggml_tensor * rows = ggml_get_rows(ctx, h, g.out_idx);   // [n_embd, n_out]
+            g.logits = ggml_mul_mat(ctx, model.output, rms_norm(rows, model.output_norm));   // [n_vocab, n_out]
+            ggml_set_output(g.logits);
+            ggml_build_forward_expand(gf, g.logits);
+        } else {
+            ggml_build_forward_expand(gf, h);   // the caches and memories are written on the way
+        }
+        return g;
+    }
 };
 
 } // namespace
+
+dm_batch_graph dm_build_forward_batch(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model,
+                                      std::vector<dm_batch_seq> & seqs) {
+    dm_graph_shape total{0, 0, 0};
+    for (const dm_batch_seq & s : seqs) total.n_tokens += s.shape.n_tokens;
+    forward_builder b{ctx, model, model.hp, *seqs.front().kv, total, gf, seqs.front().dmem, {}};
+    return b.build_batch(seqs);
+}
 
 int32_t dm_padded_n_kv(int32_t n_used, int32_t n_ctx) {
     constexpr int32_t pad = 256;

@@ -45,5 +45,27 @@ struct dm_graph {
 dm_graph dm_build_forward(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model, const dm_kv_cache & kv,
                           const dm_graph_shape & shape, dm_dmem_builder * dmem);
 
+// One sequence of a batched pass (dm_build_forward_batch makes its inputs).
+struct dm_batch_seq {
+    const dm_kv_cache * kv = nullptr;
+    dm_graph_shape      shape;             // its tokens, the cells it attends, its outputs (0, 1 or all)
+    dm_dmem_builder *   dmem = nullptr;    // its memory's part of the pass (null without an adapter)
+    ggml_tensor *       mask = nullptr;    // [n_kv, n_tokens] f16
+    ggml_tensor *       kv_idx = nullptr;  // [n_tokens] i64
+};
+
+struct dm_batch_graph {
+    ggml_cgraph * gf = nullptr;
+    ggml_tensor * tokens = nullptr;    // [T] i32: the sequences' tokens one after another
+    ggml_tensor * pos = nullptr;       // [T] i32
+    ggml_tensor * out_idx = nullptr;   // [n_outputs] i32: the token columns whose logits are wanted
+    ggml_tensor * logits = nullptr;    // [n_vocab, n_outputs] or null
+};
+
+// The forward pass of several sequences of one model in one graph: every weight mat-mul once over
+// all T tokens; attention and the δ-mem scan per sequence, each over its own cache and state.
+dm_batch_graph dm_build_forward_batch(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model,
+                                      std::vector<dm_batch_seq> & seqs);
+
 // Node budget of one pass (its leaves too: the scheduler counts both); the same for every shape.
 size_t dm_graph_max_nodes(const dm_model & model);
