@@ -15,8 +15,9 @@ except ImportError:
     raise
 from .model import Context, Model, decode_batch
 from .sampling import SamplingParams
+from .scheduler import BatchRequest, BatchScheduler
 
-__all__ = ["Model", "Context", "SamplingParams", "decode_batch", "devices", "get_include", "get_lib_dir", "system_info"]
+__all__ = ["Model", "Context", "SamplingParams", "BatchScheduler", "BatchRequest", "decode_batch", "devices", "get_include", "get_lib_dir", "system_info"]
 __version__ = "0.1.0"
 
 

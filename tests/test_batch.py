@@ -195,3 +195,12 @@ def test_aborted_batch_puts_every_context_back(backbone, tmp_path):
             pydeltamem.decode_batch(ctxs, [tokens, tokens[:10]])
         timer.join()
         assert_unchanged(ctxs[1:], before[1:])
+
+
+def test_one_context_one_token(backbone):
+    """The degenerate batch: one context, one token (every tensor's token dimension is 1)."""
+    gguf_path, hf_model, _ = backbone("qwen3")
+    with pydeltamem.Model(gguf_path, n_ctx=32) as m:
+        pairs = twins(m, [[3, 4]])
+        for t in ([5], [6, 7], [8]):
+            check_batch_equals_alone(pairs, [t], "all")

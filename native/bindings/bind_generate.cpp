@@ -6,6 +6,8 @@
 #include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -73,9 +75,99 @@ py::tuple generate(ContextHandle & ctx, SamplerHandle & sampler, const std::vect
     return py::make_tuple(std::vector<dm_token>(toks, toks + n), py::bytes(text, len), finish);
 }
 
+// _core.Generator: a dm_generator for the step loop (continuous batching), over a context and a
+// sampler whose Python handles it keeps alive. Used by one thread at a time (the scheduler's).
+struct StepGenerator {
+    py::object ctx_obj, sampler_obj;   // the handles
+    ContextHandle & ctx;
+    SamplerHandle & sampler;
+    std::vector<std::string> stop;     // the generator points into these
+    std::unique_ptr<dm_generator, generator_deleter> gen;
+
+    StepGenerator(py::object c, py::object s, const py::handle & max_tokens, std::vector<std::string> stop_strings,
+                  const std::vector<dm_token> & stop_tokens, bool write, const py::handle & seg_id)
+        : ctx_obj(std::move(c)), sampler_obj(std::move(s)), ctx(ctx_obj.cast<ContextHandle &>()),
+          sampler(sampler_obj.cast<SamplerHandle &>()), stop(std::move(stop_strings)) {
+        std::vector<const char *> stop_c;
+        for (const std::string & x : stop) stop_c.push_back(x.c_str());
+        dm_generate_params params = dm_generate_default_params();
+        params.max_tokens = int32_arg(max_tokens, "max_tokens");
+        params.stop = stop_c.data();
+        params.n_stop = static_cast<int32_t>(stop_c.size());
+        params.stop_tokens = stop_tokens.data();
+        params.n_stop_tokens = static_cast<int32_t>(stop_tokens.size());
+        params.write = write;
+        params.seg_id = int32_arg(seg_id, "seg_id");
+        ContextHandle::use cu(ctx);
+        SamplerHandle::use su(sampler);
+        gen.reset(dm_generator_new(cu.object, su.object, params));
+        check(gen != nullptr);
+    }
+
+    void start(const std::vector<dm_token> & prompt, const std::optional<std::vector<int32_t>> & seg_ids) {
+        if (seg_ids && seg_ids->size() != prompt.size()) throw py::value_error("seg_ids must have one id per prompt token");
+        check(dm_generator_start(gen.get(), prompt.data(), static_cast<int32_t>(prompt.size()),
+                                 seg_ids ? seg_ids->data() : nullptr) == 0);
+    }
+
+    py::bytes take_text() {
+        size_t len = 0;
+        const char * t = dm_generator_take_text(gen.get(), &len);
+        check(t != nullptr);
+        return py::bytes(t, len);
+    }
+
+    py::tuple result() const {
+        int32_t n = 0;
+        const dm_token * toks = dm_generator_tokens(gen.get(), &n);
+        size_t len = 0;
+        const char * text = dm_generator_text(gen.get(), &len);
+        const char * finish = dm_generator_finish(gen.get()) == DM_FINISH_STOP ? "stop" : "length";
+        return py::make_tuple(std::vector<dm_token>(toks, toks + n), py::bytes(text, len), finish);
+    }
+};
+
+// One step of several generators in one batched decode, under exclusive uses of all their
+// contexts and samplers (taken in one global order, as decode_batch's).
+std::vector<bool> generators_step(const std::vector<StepGenerator *> & gens) {
+    if (gens.empty()) throw py::value_error("generators_step: no generators");
+    std::vector<std::pair<const void *, std::function<void()>>> order;
+    std::vector<std::unique_ptr<ContextHandle::use>> ctx_uses(gens.size());
+    std::vector<std::unique_ptr<SamplerHandle::use>> sampler_uses(gens.size());
+    for (size_t i = 0; i < gens.size(); ++i) {
+        order.emplace_back(&gens[i]->ctx, [&, i] { ctx_uses[i] = std::make_unique<ContextHandle::use>(gens[i]->ctx); });
+        order.emplace_back(&gens[i]->sampler, [&, i] { sampler_uses[i] = std::make_unique<SamplerHandle::use>(gens[i]->sampler); });
+    }
+    std::sort(order.begin(), order.end(), [](const auto & a, const auto & b) { return std::less<const void *>()(a.first, b.first); });
+    for (size_t i = 0; i < order.size(); ++i) {
+        if (i > 0 && order[i].first == order[i - 1].first) throw py::value_error("generators_step: two generators share a context or a sampler");
+        order[i].second();
+    }
+    std::vector<dm_generator *> raw;
+    for (StepGenerator * g : gens) raw.push_back(g->gen.get());
+    std::unique_ptr<bool[]> running(new bool[gens.size()]());
+    int32_t rc = 0;
+    {
+        py::gil_scoped_release release;
+        rc = dm_generators_step(raw.data(), static_cast<int32_t>(raw.size()), running.get());
+    }
+    gens[0]->ctx.check(rc == 0);
+    return std::vector<bool>(running.get(), running.get() + gens.size());
+}
+
 } // namespace
 
 void bind_generate(py::module_ & m) {
+    py::class_<StepGenerator>(m, "Generator", "A generation loop advanced a step at a time with others (generators_step).")
+        .def(py::init<py::object, py::object, const py::handle &, std::vector<std::string>, const std::vector<dm_token> &, bool,
+                      const py::handle &>(),
+             py::arg("ctx"), py::arg("sampler"), py::arg("max_tokens"), py::arg("stop"), py::arg("stop_tokens"),
+             py::arg("write") = true, py::arg("seg_id") = -1)
+        .def("start", &StepGenerator::start, py::arg("prompt"), py::arg("seg_ids") = py::none())
+        .def("take_text", &StepGenerator::take_text, "The text that became final since the last call, as bytes.")
+        .def("result", &StepGenerator::result, "(tokens, text_bytes, finish) so far.");
+    m.def("generators_step", &generators_step, py::arg("generators"),
+          "Decodes every generator's next tokens in one batch and samples each; [still running] per generator.");
     m.def("generate", &generate, py::arg("ctx"), py::arg("sampler"), py::arg("prompt"), py::arg("max_tokens"),
           py::arg("stop"), py::arg("stop_tokens"), py::arg("on_piece") = py::none(),
           py::arg("seg_ids") = py::none(), py::arg("write") = true, py::arg("seg_id") = -1,

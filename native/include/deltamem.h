@@ -220,6 +220,21 @@ const dm_token *      dm_generator_tokens(const dm_generator * gen, int32_t * n_
 const char *          dm_generator_text  (const dm_generator * gen, size_t * len);
 enum dm_finish_reason dm_generator_finish(const dm_generator * gen);
 
+// Continuous batching, a step at a time: several generators (each with its own context, all of
+// one model) advance together, one batched decode a step (dm_decode_batch), so that a generator
+// may join between any two steps (dm_generator_start) and leave when it finishes.
+// dm_generator_start takes the prompt (at least one token; seg_ids as dm_generator_run's) and
+// clears the last results; the generator's next step decodes it.
+int32_t dm_generator_start(dm_generator * gen, const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids);
+// Decodes every generator's next tokens (a started one's prompt, a running one's last token) in
+// one batch, then samples each: running[i] says whether generator i goes on (false: finished;
+// dm_generator_finish says why). Its tokens and text grow as dm_generator_run's would. Returns 0,
+// or -1 with every context and generator as before the step.
+int32_t dm_generators_step(dm_generator * const * gens, int32_t n, bool * running);
+// The text of gen that became final since the last call (no partial stop string or UTF-8
+// character at its end; everything once it finished); valid until the next call on gen.
+const char * dm_generator_take_text(dm_generator * gen, size_t * len);
+
 // ---- vocab (tokenizer; native/src/vocab) ---------------------------------------------------------
 
 // Byte-level BPE from the GGUF's tokenizer.ggml.* metadata (tokenizer.ggml.model = "gpt2"). A model

@@ -2,6 +2,7 @@
 #include <deltamem.h>
 
 #include "common/error.h"
+#include "context/batch.h"
 #include "generate/generator.h"
 
 dm_generate_params dm_generate_default_params() {
@@ -68,4 +69,38 @@ const char * dm_generator_text(const dm_generator * gen, size_t * len) {
 
 dm_finish_reason dm_generator_finish(const dm_generator * gen) {
     return dm::guard<dm_finish_reason>(DM_FINISH_LENGTH, [&] { return dm::deref(gen, "generator").finish; });
+}
+
+int32_t dm_generator_start(dm_generator * gen, const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids) {
+    return dm::guard<int32_t>(-1, [&] {
+        dm::deref(gen, "generator").start(prompt, n_prompt, prompt_seg_ids);
+        return 0;
+    });
+}
+
+int32_t dm_generators_step(dm_generator * const * gens, int32_t n, bool * running) {
+    return dm::guard<int32_t>(-1, [&] {
+        if (!gens || n <= 0 || !running) dm::fail("generators_step: no generators (NULL or n <= 0) or no output");
+        std::vector<dm_batch_item> items;
+        std::vector<std::vector<float>> logits(static_cast<size_t>(n));
+        for (int32_t i = 0; i < n; ++i) {
+            dm_generator & g = dm::deref(gens[i], "generator");
+            if (!g.running()) dm::fail("generators_step: generator %d is not running (start it first)", i);
+            logits[i].resize(static_cast<size_t>(g.ctx->model->hp.n_vocab));
+            items.push_back({g.ctx, g.to_decode().data(), static_cast<int32_t>(g.to_decode().size()), g.to_decode_seg_ids(),
+                             g.write, logits[i].data()});
+        }
+        dm_decode_batch(items, DM_LOGITS_LAST);
+        for (int32_t i = 0; i < n; ++i) running[i] = gens[i]->accept(logits[i].data());
+        return 0;
+    });
+}
+
+const char * dm_generator_take_text(dm_generator * gen, size_t * len) {
+    if (len) *len = 0;
+    return dm::guard<const char *>(nullptr, [&] {
+        const std::string & t = dm::deref(gen, "generator").take_text();
+        if (len) *len = t.size();
+        return t.c_str();
+    });
 }

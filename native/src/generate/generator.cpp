@@ -71,35 +71,79 @@ bool dm_generator::emit_upto(size_t end, dm_text_callback emit, void * user_data
     return go_on;
 }
 
-void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids, dm_text_callback emit,
-                       void * user_data) {
+void dm_generator::reset_results() {
     tokens.clear();
     text.clear();
     emitted = 0;
     finish = DM_FINISH_LENGTH;
-    const int32_t n_vocab = ctx->model->hp.n_vocab;
-    std::vector<float> logits(static_cast<size_t>(n_vocab));
+}
 
+bool dm_generator::sample_next(const float * logits, dm_text_callback emit, void * user_data) {
+    if (static_cast<int32_t>(tokens.size()) >= max_tokens) return false;   // max_tokens 0: nothing to sample
+    const dm_token t = sampler->sample(logits, ctx->model->hp.n_vocab);
+    if (is_end_token(t)) {
+        finish = DM_FINISH_STOP;
+        emit_upto(text.size(), emit, user_data);
+        return false;
+    }
+    tokens.push_back(t);
+    if (append_piece(t)) {
+        finish = DM_FINISH_STOP;
+        emit_upto(text.size(), emit, user_data);
+        return false;
+    }
+    if (!emit_upto(safe_length(), emit, user_data)) {
+        finish = DM_FINISH_STOP;
+        return false;   // the listener asked to stop (or failed): it wants no more text
+    }
+    // The last token needs no forward pass; a full context ends it too (a "length" finish).
+    if (static_cast<int32_t>(tokens.size()) == max_tokens || ctx->n_past() >= ctx->params.n_ctx) {
+        emit_upto(text.size(), emit, user_data);
+        return false;
+    }
+    next.assign(1, t);
+    return true;
+}
+
+void dm_generator::run(const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids, dm_text_callback emit,
+                       void * user_data) {
+    reset_results();
+    std::vector<float> logits(static_cast<size_t>(ctx->model->hp.n_vocab));
     ctx->decode(prompt, n_prompt, DM_LOGITS_LAST, logits.data(), prompt_seg_ids, write);
     const int32_t * token_seg_ids = seg_id >= 0 ? &seg_id : nullptr;
-    for (int32_t i = 0; i < max_tokens; ++i) {
-        const dm_token t = sampler->sample(logits.data(), n_vocab);
-        if (is_end_token(t)) {
-            finish = DM_FINISH_STOP;
-            break;
-        }
-        tokens.push_back(t);
-        if (append_piece(t)) {
-            finish = DM_FINISH_STOP;
-            break;
-        }
-        if (!emit_upto(safe_length(), emit, user_data)) {
-            finish = DM_FINISH_STOP;
-            return;   // the listener asked to stop (or failed): it wants no more text
-        }
-        if (i + 1 == max_tokens) break;   // the last token needs no forward pass
-        if (ctx->n_past() >= ctx->params.n_ctx) break;   // the context is full: a "length" finish
-        ctx->decode(&t, 1, DM_LOGITS_LAST, logits.data(), token_seg_ids, write);
+    while (sample_next(logits.data(), emit, user_data)) {
+        ctx->decode(next.data(), 1, DM_LOGITS_LAST, logits.data(), token_seg_ids, write);
     }
-    emit_upto(text.size(), emit, user_data);
+}
+
+void dm_generator::start(const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids) {
+    if (n_prompt <= 0 || !prompt) fail("generator: empty prompt (no tokens)");
+    reset_results();
+    next.assign(prompt, prompt + n_prompt);
+    next_seg_ids.clear();
+    if (prompt_seg_ids) next_seg_ids.assign(prompt_seg_ids, prompt_seg_ids + n_prompt);
+    ready.clear();
+    finished = false;
+}
+
+const int32_t * dm_generator::to_decode_seg_ids() const {
+    if (!next_seg_ids.empty()) return next_seg_ids.data();
+    return seg_id >= 0 ? &seg_id : nullptr;
+}
+
+static bool collect_text(const char * piece, size_t len, void * user_data) {
+    static_cast<std::string *>(user_data)->append(piece, len);
+    return true;
+}
+
+bool dm_generator::accept(const float * logits) {
+    next_seg_ids.clear();
+    finished = !sample_next(logits, collect_text, &ready);
+    return !finished;
+}
+
+const std::string & dm_generator::take_text() {
+    taken.swap(ready);
+    ready.clear();
+    return taken;
 }

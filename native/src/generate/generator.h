@@ -26,8 +26,31 @@ struct dm_generator {
     void run(const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids, dm_text_callback emit,
              void * user_data);
 
+    // The same loop a step at a time, for loops that decode several generators together
+    // (dm_generators_step): start() takes the prompt; each step decodes to_decode() (the prompt,
+    // then the last sampled token) and gives the logits to accept(), which samples and says whether
+    // the generator goes on. The text that became final is kept for take_text().
+    void start(const dm_token * prompt, int32_t n_prompt, const int32_t * prompt_seg_ids);
+    bool running() const { return !finished; }
+    const std::vector<dm_token> & to_decode() const { return next; }
+    const int32_t * to_decode_seg_ids() const;
+    bool accept(const float * logits);
+    // The text that became final since the last call (valid until the next call).
+    const std::string & take_text();
+
 private:
     size_t emitted = 0;   // bytes of text already given to the callback
+    // The step loop's state.
+    std::vector<dm_token> next;          // what the next step decodes
+    std::vector<int32_t>  next_seg_ids;  // the prompt's ids (the first step only)
+    bool                  finished = true;
+    std::string           ready;         // final text not yet taken
+    std::string           taken;         // what take_text() returned last
+
+    void reset_results();
+    // Samples from the logits after the last decoded token; true with the token in next when
+    // generation goes on. Emits as run() does.
+    bool sample_next(const float * logits, dm_text_callback emit, void * user_data);
 
     bool is_end_token(dm_token t) const;
     // Appends the token's bytes; true when a stop string now occurs (text is then cut before it).

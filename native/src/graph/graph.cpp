@@ -183,10 +183,10 @@ struct forward_builder {
 
     // ---- a batched pass: several sequences, weights read once for all their tokens -------------
 
-    ggml_tensor * columns(ggml_tensor * m, int64_t first, int64_t n) const {   // the last dimension's [first, first + n)
-        const int d = ggml_n_dims(m) - 1;
-        return d == 1 ? ggml_view_2d(ctx, m, m->ne[0], n, m->nb[1], first * m->nb[1])
-                      : ggml_view_3d(ctx, m, m->ne[0], m->ne[1], n, m->nb[1], m->nb[2], first * m->nb[2]);
+    // Tokens [first, first + n) of m, whose tokens are its dimension 1 ([width, T]) or 2 ([width, heads, T]).
+    ggml_tensor * columns(ggml_tensor * m, int token_dim, int64_t first, int64_t n) const {
+        return token_dim == 1 ? ggml_view_2d(ctx, m, m->ne[0], n, m->nb[1], first * m->nb[1])
+                              : ggml_view_3d(ctx, m, m->ne[0], m->ne[1], n, m->nb[1], m->nb[2], first * m->nb[2]);
     }
 
     static ggml_tensor * append(ggml_context * c, ggml_tensor * a, ggml_tensor * b, int dim) {
@@ -205,7 +205,7 @@ struct forward_builder {
             int64_t first = 0;
             for (dm_batch_seq & s : seqs) {
                 ggml_tensor * state = s.dmem->memory.state[model.adapter->slot_of_layer[il]];
-                reads = append(ctx, reads, s.dmem->scan_projected(*dl, state, columns(packed, first, s.shape.n_tokens)), 0);
+                reads = append(ctx, reads, s.dmem->scan_projected(*dl, state, columns(packed, 1, first, s.shape.n_tokens)), 0);
                 first += s.shape.n_tokens;
             }
         }
@@ -214,7 +214,7 @@ struct forward_builder {
         int64_t first = 0;
         for (const dm_batch_seq & s : seqs) {
             const int64_t n = s.shape.n_tokens;
-            const qkv ts{columns(t.q, first, n), columns(t.k, first, n), columns(t.v, first, n)};
+            const qkv ts{columns(t.q, 2, first, n), columns(t.k, 2, first, n), columns(t.v, 1, first, n)};
             att = append(ctx, att, attend(il, ts, {s.kv, s.shape.n_kv, s.mask, s.kv_idx}), 1);
             first += n;
         }
