@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LLAMACPP_WORKER = HERE / "llamacpp_worker.py"
 OURS_WORKER = HERE / "ours_worker.py"
+LLAMACPP_PARALLEL_WORKER = HERE / "llamacpp_parallel_worker.py"
 
 OURS, DMEM = "ours", "ours+dmem"
 DEVICE_SUFFIX = "@dev"   # the same contender with layers offloaded (--n-gpu-layers, --rpc)
@@ -176,7 +177,7 @@ def spawn(contender: dict, spec: dict, timeout: float) -> dict:
     """Run one worker process for `contender` on `spec`; its JSON result (or {"error": ...})."""
     spec = {**spec, **contender.get("spec", {})}
     if contender["kind"] == "llamacpp":
-        cmd = [contender["python"], str(LLAMACPP_WORKER)]
+        cmd = [contender["python"], str(contender.get("worker", LLAMACPP_WORKER))]
     else:   # this engine, or another build of it (--ours-python)
         cmd = [contender.get("python", sys.executable), str(OURS_WORKER)]
     env = dict(os.environ)
@@ -538,6 +539,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ours-python", action="append", metavar="PYTHON[=LABEL]", default=[],
                         help="another install of pydeltamem (its venv's python) to run beside this one, e.g. the "
                              "previous commit's, for a regression check (repeatable)")
+    parser.add_argument("--parallel", metavar="N[,N...]", default=None,
+                        help="aggregate tg of N concurrent sequences, batched (e.g. 1,2,4,8), against llama.cpp's "
+                             "multi-sequence decoding; uses the first --threads value")
     parser.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     from pydeltamem.cli_devices import add_device_options
 
@@ -585,6 +589,18 @@ def run_cli(args: argparse.Namespace) -> int:
         for _, py in llamacpp:
             if not os.path.isfile(py):
                 raise FileNotFoundError(f"llama-cpp-python interpreter not found: {py}")
+    if args.parallel:
+        from .parallel import format_parallel_table, run_parallel
+
+        ns = [int(n) for n in args.parallel.split(",") if n.strip()]
+        if not ns or min(ns) < 1:
+            raise ValueError("--parallel takes positive sequence counts, e.g. 1,2,4,8")
+        report = run_parallel(args.model or ["smollm2"], ns, threads[0], args.runs, args.pp, args.tg, llamacpp,
+                              dmem=not args.no_dmem, timeout=args.timeout, log=log)
+        print(format_parallel_table(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return 0
     report = run_bench(args.model or ["smollm2"], threads, args.runs, args.pp, args.tg, llamacpp,
                        dmem=not args.no_dmem, n_ctx=args.n_ctx, timeout=args.timeout, log=log,
                        adapter_type=args.adapter_type, paired=args.paired, devices=_devices(args),

@@ -25,7 +25,10 @@ def _sibling(name: str):
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())
     spec["peak_rss_kb"] = _sibling("llamacpp_worker").peak_rss_kb   # one definition for both workers
-    bench = _sibling("bench")
-    result = bench.paired_worker(spec) if spec.get("paired") else bench.ours_worker(spec)
+    if spec.get("n_seqs"):
+        result = _sibling("parallel").ours_parallel_worker(spec)
+    else:
+        bench = _sibling("bench")
+        result = bench.paired_worker(spec) if spec.get("paired") else bench.ours_worker(spec)
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()

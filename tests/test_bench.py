@@ -113,9 +113,24 @@ def test_paired_measure_needs_the_adapter(tiny_model, tmp_path):
         harness.run_bench([str(tiny_model)], [1], 1, 8, 4, [], dmem=False, paired=10, adapter_dir=str(tmp_path))
 
 
-def test_llamacpp_worker_is_standalone():
-    """The llama.cpp worker runs in another venv: it may import nothing from pydeltamem."""
-    source = (REPO / "bench" / "llamacpp_worker.py").read_text()
+def test_parallel_measure_reports_json(tiny_model, tmp_path, capsys):
+    harness, _ = _load_bench()
+    out = tmp_path / "parallel.json"
+    args = bench_args(harness, tiny_model, tmp_path, out, "--threads", "1", "--parallel", "1,3", "--no-llamacpp")
+    assert harness.run_cli(args) == 0
+    table = capsys.readouterr().out
+    assert "Aggregate tg t/s of N sequences" in table and "ours+dmem vs N=1" in table
+    report = json.loads(out.read_text())
+    assert [r["n"] for r in report["results"]] == [1, 3]
+    for res in report["results"]:
+        assert len(res["tg_tps_runs"]["ours"]) == 2 and len(res["tg_tps_runs"]["ours+dmem"]) == 2
+        assert all(v > 0 for v in res["tg_tps_median"].values())
+
+
+@pytest.mark.parametrize("worker", ["llamacpp_worker.py", "llamacpp_parallel_worker.py"])
+def test_llamacpp_worker_is_standalone(worker):
+    """The llama.cpp workers run in another venv: they may import nothing from pydeltamem."""
+    source = (REPO / "bench" / worker).read_text()
     assert "pydeltamem" not in source.replace("pydeltamem's", "").split('"""', 2)[2]
 
 
