@@ -91,6 +91,15 @@ static void null_handles(void) {
     NULL_CALL(dm_generator_text(g, &len), == NULL);
     expect_ok("dm_generator_text(NULL) sets *len = 0", len == 0);
     NULL_CALL(dm_generator_finish(g), == DM_FINISH_LENGTH);
+    NULL_CALL(dm_generator_start(g, &tok, 1, NULL), == -1);
+    NULL_CALL(dm_generator_take_text(g, &len), == NULL);
+    bool running = true;
+    NULL_CALL(dm_generators_step(NULL, 1, &running), == -1);
+    dm_generator * no_gens[1] = {NULL};
+    NULL_CALL(dm_generators_step(no_gens, 1, &running), == -1);
+    NULL_CALL(dm_decode_batch(NULL, 1, DM_LOGITS_LAST), == -1);
+    struct dm_batch_entry no_ctx = {NULL, &tok, 1, NULL, true, f};
+    NULL_CALL(dm_decode_batch(&no_ctx, 1, DM_LOGITS_LAST), == -1);
 
     NULL_CALL(dm_tokenize(m, "x", 1, &tok, 1, false, false), == INT32_MIN);
     NULL_CALL(dm_token_to_piece(m, 1, buf, sizeof buf, false), == INT32_MIN);
@@ -202,6 +211,24 @@ static void bad_arguments(const char * model_path) {
     dm_generator * g = dm_generator_new(c, s, gp);
     expect_ok("create a generator", g != NULL);
     expect_error("dm_generator_run with a NULL prompt", dm_generator_run(g, NULL, 0, NULL, NULL, NULL) == -1, "no tokens");
+    expect_error("dm_generator_start with a NULL prompt", dm_generator_start(g, NULL, 0, NULL) == -1, "empty prompt");
+    bool running = true;
+    dm_generator * gens[2] = {g, g};
+    expect_error("dm_generators_step of a generator not started", dm_generators_step(gens, 1, &running) == -1, "not running");
+    expect_ok("dm_generator_start", dm_generator_start(g, tokens, 3, NULL) == 0);
+    expect_error("dm_generators_step with one context twice", dm_generators_step(gens, 2, &running) == -1, "twice");
+    expect_error("dm_generators_step with n = 0", dm_generators_step(gens, 0, &running) == -1, "no generators");
+    struct dm_batch_entry entries[2] = {{c, tokens, 3, NULL, true, logits}, {c, tokens, 3, NULL, true, logits}};
+    expect_error("dm_decode_batch with one context twice", dm_decode_batch(entries, 2, DM_LOGITS_LAST) == -1, "context 1");
+    expect_error("dm_decode_batch with an unknown logits mode", dm_decode_batch(entries, 1, (enum dm_logits) 9) == -1,
+                 "unknown logits mode");
+    entries[0].logits = NULL;
+    expect_error("dm_decode_batch into a NULL buffer", dm_decode_batch(entries, 1, DM_LOGITS_LAST) == -1, "no output buffer");
+    entries[0].n_tokens = -4;
+    expect_error("dm_decode_batch with a negative count", dm_decode_batch(entries, 1, DM_LOGITS_NONE) == -1, "context 0");
+    expect_ok("dm_generators_step", dm_generators_step(gens, 1, &running) == 0);
+    size_t n_text = 0;
+    expect_ok("dm_generator_take_text", dm_generator_take_text(g, &n_text) != NULL);
 
     dm_generator_free(g);
     dm_sampler_free(s);
