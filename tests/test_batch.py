@@ -204,3 +204,13 @@ def test_one_context_one_token(backbone):
         pairs = twins(m, [[3, 4]])
         for t in ([5], [6, 7], [8]):
             check_batch_equals_alone(pairs, [t], "all")
+
+
+def test_a_leader_can_lead_larger_batches_later(backbone):
+    """The batch's graph grows with its sequences: a batch of 2, then of 8, led by the same context."""
+    gguf_path, hf_model, _ = backbone("llama")
+    with pydeltamem.Model(gguf_path, n_ctx=64) as m:
+        pairs = twins(m, histories(hf_model.config.vocab_size, 8))
+        check_batch_equals_alone(pairs[:2], [[11], [12]], "last")
+        check_batch_equals_alone(pairs, [[i + 13] for i in range(8)], "last")
+        check_batch_equals_alone(pairs[:3], [[24], [25, 26], [27]], "all")

@@ -21,6 +21,7 @@ struct dm_batch_runner {
     };
 
     dm_sched_ptr                                  sched;
+    size_t                                        sched_size = 0;   // the largest graph it was made for
     std::vector<uint8_t>                          meta;
     ggml_context *                                ctx = nullptr;
     std::vector<seq_key>                          key;        // what the graph was built for
@@ -41,7 +42,11 @@ struct dm_batch_runner {
         drop();
         const dm_model & model = *leader.model;
         const size_t max_nodes = dm_graph_max_nodes(model) * want.size();
-        if (!sched) sched = leader.new_scheduler(2 * max_nodes);
+        if (!sched || sched_size < 2 * max_nodes) {   // its hash set is sized once: a larger batch needs a new one
+            sched.reset();
+            sched = leader.new_scheduler(2 * max_nodes);
+            sched_size = 2 * max_nodes;
+        }
         const size_t need = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
         if (meta.size() < need) meta.resize(need);
         ggml_init_params ip = {meta.size(), meta.data(), /*no_alloc =*/ true};
