@@ -37,24 +37,46 @@ bool forward_piece(const char * text, size_t len, void * user_data) {
     }
 }
 
+// dm_generate_params from the Python arguments; c points into stop_c and into the caller's
+// strings and stop tokens, which must outlive dm_generator_new (it copies them).
+struct generate_params {
+    std::vector<const char *> stop_c;
+    dm_generate_params c = dm_generate_default_params();
+
+    generate_params(const py::handle & max_tokens, const std::vector<std::string> & stop,
+                    const std::vector<dm_token> & stop_tokens, bool write, const py::handle & seg_id) {
+        for (const std::string & s : stop) stop_c.push_back(s.c_str());
+        c.max_tokens = int32_arg(max_tokens, "max_tokens");
+        c.stop = stop_c.data();
+        c.n_stop = static_cast<int32_t>(stop_c.size());
+        c.stop_tokens = stop_tokens.data();
+        c.n_stop_tokens = static_cast<int32_t>(stop_tokens.size());
+        c.write = write;
+        c.seg_id = int32_arg(seg_id, "seg_id");
+    }
+    generate_params(const generate_params &) = delete;   // c points into this object
+    generate_params & operator=(const generate_params &) = delete;
+};
+
+// (tokens, text_bytes, finish) of a generator so far.
+py::tuple result_tuple(const dm_generator * gen) {
+    int32_t n = 0;
+    const dm_token * toks = dm_generator_tokens(gen, &n);
+    size_t len = 0;
+    const char * text = dm_generator_text(gen, &len);
+    const char * finish = dm_generator_finish(gen) == DM_FINISH_STOP ? "stop" : "length";
+    return py::make_tuple(std::vector<dm_token>(toks, toks + n), py::bytes(text, len), finish);
+}
+
 py::tuple generate(ContextHandle & ctx, SamplerHandle & sampler, const std::vector<dm_token> & prompt,
                    const py::handle & max_tokens, const std::vector<std::string> & stop,
                    const std::vector<dm_token> & stop_tokens, py::object on_piece,
                    const std::optional<std::vector<int32_t>> & seg_ids, bool write, const py::handle & seg_id) {
     if (seg_ids && seg_ids->size() != prompt.size()) throw py::value_error("seg_ids must have one id per prompt token");
-    std::vector<const char *> stop_c;
-    for (const std::string & s : stop) stop_c.push_back(s.c_str());
-    dm_generate_params params = dm_generate_default_params();
-    params.max_tokens = int32_arg(max_tokens, "max_tokens");
-    params.stop = stop_c.data();
-    params.n_stop = static_cast<int32_t>(stop_c.size());
-    params.stop_tokens = stop_tokens.data();
-    params.n_stop_tokens = static_cast<int32_t>(stop_tokens.size());
-    params.write = write;
-    params.seg_id = int32_arg(seg_id, "seg_id");
+    generate_params params(max_tokens, stop, stop_tokens, write, seg_id);
     ContextHandle::use ctx_use(ctx);
     SamplerHandle::use sampler_use(sampler);
-    std::unique_ptr<dm_generator, generator_deleter> gen(dm_generator_new(ctx_use.object, sampler_use.object, params));
+    std::unique_ptr<dm_generator, generator_deleter> gen(dm_generator_new(ctx_use.object, sampler_use.object, params.c));
     check(gen != nullptr);
 
     callback_state st{on_piece, std::nullopt};
@@ -66,13 +88,7 @@ py::tuple generate(ContextHandle & ctx, SamplerHandle & sampler, const std::vect
     }
     if (st.error) throw std::move(*st.error);
     ctx.check(rc == 0);
-
-    int32_t n = 0;
-    const dm_token * toks = dm_generator_tokens(gen.get(), &n);
-    size_t len = 0;
-    const char * text = dm_generator_text(gen.get(), &len);
-    const char * finish = dm_generator_finish(gen.get()) == DM_FINISH_STOP ? "stop" : "length";
-    return py::make_tuple(std::vector<dm_token>(toks, toks + n), py::bytes(text, len), finish);
+    return result_tuple(gen.get());
 }
 
 // _core.Generator: a dm_generator for the step loop (continuous batching), over a context and a
@@ -81,26 +97,16 @@ struct StepGenerator {
     py::object ctx_obj, sampler_obj;   // the handles
     ContextHandle & ctx;
     SamplerHandle & sampler;
-    std::vector<std::string> stop;     // the generator points into these
     std::unique_ptr<dm_generator, generator_deleter> gen;
 
-    StepGenerator(py::object c, py::object s, const py::handle & max_tokens, std::vector<std::string> stop_strings,
+    StepGenerator(py::object c, py::object s, const py::handle & max_tokens, const std::vector<std::string> & stop,
                   const std::vector<dm_token> & stop_tokens, bool write, const py::handle & seg_id)
         : ctx_obj(std::move(c)), sampler_obj(std::move(s)), ctx(ctx_obj.cast<ContextHandle &>()),
-          sampler(sampler_obj.cast<SamplerHandle &>()), stop(std::move(stop_strings)) {
-        std::vector<const char *> stop_c;
-        for (const std::string & x : stop) stop_c.push_back(x.c_str());
-        dm_generate_params params = dm_generate_default_params();
-        params.max_tokens = int32_arg(max_tokens, "max_tokens");
-        params.stop = stop_c.data();
-        params.n_stop = static_cast<int32_t>(stop_c.size());
-        params.stop_tokens = stop_tokens.data();
-        params.n_stop_tokens = static_cast<int32_t>(stop_tokens.size());
-        params.write = write;
-        params.seg_id = int32_arg(seg_id, "seg_id");
+          sampler(sampler_obj.cast<SamplerHandle &>()) {
+        generate_params params(max_tokens, stop, stop_tokens, write, seg_id);
         ContextHandle::use cu(ctx);
         SamplerHandle::use su(sampler);
-        gen.reset(dm_generator_new(cu.object, su.object, params));
+        gen.reset(dm_generator_new(cu.object, su.object, params.c));
         check(gen != nullptr);
     }
 
@@ -117,32 +123,23 @@ struct StepGenerator {
         return py::bytes(t, len);
     }
 
-    py::tuple result() const {
-        int32_t n = 0;
-        const dm_token * toks = dm_generator_tokens(gen.get(), &n);
-        size_t len = 0;
-        const char * text = dm_generator_text(gen.get(), &len);
-        const char * finish = dm_generator_finish(gen.get()) == DM_FINISH_STOP ? "stop" : "length";
-        return py::make_tuple(std::vector<dm_token>(toks, toks + n), py::bytes(text, len), finish);
-    }
+    py::tuple result() const { return result_tuple(gen.get()); }
 };
 
 // One step of several generators in one batched decode, under exclusive uses of all their
 // contexts and samplers (taken in one global order, as decode_batch's).
 std::vector<bool> generators_step(const std::vector<StepGenerator *> & gens) {
     if (gens.empty()) throw py::value_error("generators_step: no generators");
-    std::vector<std::pair<const void *, std::function<void()>>> order;
     std::vector<std::unique_ptr<ContextHandle::use>> ctx_uses(gens.size());
     std::vector<std::unique_ptr<SamplerHandle::use>> sampler_uses(gens.size());
+    std::vector<pending_use> pending;
     for (size_t i = 0; i < gens.size(); ++i) {
-        order.emplace_back(&gens[i]->ctx, [&, i] { ctx_uses[i] = std::make_unique<ContextHandle::use>(gens[i]->ctx); });
-        order.emplace_back(&gens[i]->sampler, [&, i] { sampler_uses[i] = std::make_unique<SamplerHandle::use>(gens[i]->sampler); });
+        pending.push_back({&gens[i]->ctx, [&, i] { ctx_uses[i] = std::make_unique<ContextHandle::use>(gens[i]->ctx); }});
+        pending.push_back({&gens[i]->sampler, [&, i] { sampler_uses[i] = std::make_unique<SamplerHandle::use>(gens[i]->sampler); }});
     }
-    std::sort(order.begin(), order.end(), [](const auto & a, const auto & b) { return std::less<const void *>()(a.first, b.first); });
-    for (size_t i = 0; i < order.size(); ++i) {
-        if (i > 0 && order[i].first == order[i - 1].first) throw py::value_error("generators_step: two generators share a context or a sampler");
-        order[i].second();
-    }
+    take_in_address_order(std::move(pending), [](size_t, size_t) {
+        return std::string("generators_step: two generators share a context or a sampler");
+    });
     std::vector<dm_generator *> raw;
     for (StepGenerator * g : gens) raw.push_back(g->gen.get());
     std::unique_ptr<bool[]> running(new bool[gens.size()]());
@@ -159,7 +156,7 @@ std::vector<bool> generators_step(const std::vector<StepGenerator *> & gens) {
 
 void bind_generate(py::module_ & m) {
     py::class_<StepGenerator>(m, "Generator", "A generation loop advanced a step at a time with others (generators_step).")
-        .def(py::init<py::object, py::object, const py::handle &, std::vector<std::string>, const std::vector<dm_token> &, bool,
+        .def(py::init<py::object, py::object, const py::handle &, const std::vector<std::string> &, const std::vector<dm_token> &, bool,
                       const py::handle &>(),
              py::arg("ctx"), py::arg("sampler"), py::arg("max_tokens"), py::arg("stop"), py::arg("stop_tokens"),
              py::arg("write") = true, py::arg("seg_id") = -1)
