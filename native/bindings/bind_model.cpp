@@ -86,25 +86,23 @@ py::array_t<float> decode(ContextHandle & c, const std::vector<dm_token> & token
     return out;
 }
 
-// Exclusive uses of every context of a batch, taken in one global order (by address), so that two
-// threads batching overlapping sets cannot wait for each other.
+// Exclusive uses of every context of a batch (in address order: take_in_address_order).
 std::vector<std::unique_ptr<ContextHandle::use>> use_all(const std::vector<ContextHandle *> & handles) {
-    for (size_t i = 0; i < handles.size(); ++i) {
-        for (size_t j = 0; j < i; ++j) {
-            if (handles[i] == handles[j]) throw py::value_error("decode_batch: context " + std::to_string(i) + " is context " + std::to_string(j) + " again: each context may be in a batch once");
-        }
-    }
-    std::vector<size_t> order(handles.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return std::less<ContextHandle *>()(handles[a], handles[b]); });
     std::vector<std::unique_ptr<ContextHandle::use>> uses(handles.size());
-    for (size_t i : order) {
-        try {
-            uses[i] = std::make_unique<ContextHandle::use>(*handles[i]);
-        } catch (const py::builtin_exception & e) {
-            throw py::value_error("decode_batch: context " + std::to_string(i) + ": " + e.what());
-        }
+    std::vector<pending_use> pending;
+    for (size_t i = 0; i < handles.size(); ++i) {
+        pending.push_back({handles[i], [&, i] {
+            try {
+                uses[i] = std::make_unique<ContextHandle::use>(*handles[i]);
+            } catch (const py::builtin_exception & e) {
+                throw py::value_error("decode_batch: context " + std::to_string(i) + ": " + e.what());
+            }
+        }});
     }
+    take_in_address_order(std::move(pending), [](size_t i, size_t j) {
+        return "decode_batch: context " + std::to_string(i) + " is context " + std::to_string(j) +
+               " again: each context may be in a batch once";
+    });
     return uses;
 }
 

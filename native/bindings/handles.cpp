@@ -1,5 +1,6 @@
 #include "bindings/handles.h"
 
+#include <algorithm>
 #include <string>
 
 py::value_error use_gate::closed_error() const { return py::value_error(std::string("the ") + what_ + " is closed"); }
@@ -114,4 +115,15 @@ SamplerHandle::~SamplerHandle() {
 
 void SamplerHandle::close() {
     gate_.close([] {}, [this] { dm_sampler_free(object_); });
+}
+
+void take_in_address_order(std::vector<pending_use> uses, const std::function<std::string(size_t, size_t)> & twice) {
+    std::vector<size_t> order(uses.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return std::less<const void *>()(uses[a].handle, uses[b].handle); });
+    for (size_t k = 1; k < order.size(); ++k) {
+        if (uses[order[k]].handle == uses[order[k - 1]].handle) throw py::value_error(twice(order[k], order[k - 1]));
+    }
+    for (size_t i : order) uses[i].take();
 }

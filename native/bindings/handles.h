@@ -13,6 +13,9 @@
 #include "bindings/bindings.h"
 
 #include <atomic>
+#include <functional>
+#include <string>
+#include <vector>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -176,6 +179,16 @@ class SamplerHandle : public native_handle<dm_sampler> {
     ~SamplerHandle();
     void close();
 };
+
+// One use among several that a call takes together: the handle's address and how to take it.
+struct pending_use {
+    const void *          handle;
+    std::function<void()> take;
+};
+// Takes the uses in one global order (by address), so that two threads taking overlapping sets
+// cannot wait for each other. A handle listed twice raises ValueError(twice(i, j)), with i > j its
+// two positions in the list, before any use is taken.
+void take_in_address_order(std::vector<pending_use> uses, const std::function<std::string(size_t, size_t)> & twice);
 
 // A binding that runs get(model) under a shared use of the open model.
 template <typename Get>
