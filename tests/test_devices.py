@@ -79,22 +79,34 @@ def prefill_decode_prefill(model: pydeltamem.Model, vocab: int, **ctx_kwargs):
     return np.concatenate([ctx.decode(c, logits="all") for c in calls]), ctx
 
 
+def check_dmem_against_reference(backbone, tmp_path, arch: str, variant: dict, model_kwargs: list[dict],
+                                 **ctx_kwargs) -> list[int]:
+    """The δ-mem session of session_calls on the engine placed by each of model_kwargs against the float64
+    reference: logits ≤ F32_TOL, memory ≤ 1e-4; returns each placement's graph splits."""
+    gguf_path, hf_model, _ = backbone(arch)
+    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, variant, outtype="f32")
+    calls = session_calls(hf_model.config.vocab_size)
+    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
+    assert np.abs(ref_memory).max() > 1e-2, "the reference memory must be far from zero to compare it"
+    splits = []
+    for kwargs in model_kwargs:
+        with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64, **kwargs) as m:
+            got, ctx = engine_session(m, calls, **ctx_kwargs)
+            memory = ctx.memory
+            splits.append(ctx.n_splits)
+            ctx.close()
+        assert rel_err(got, ref_logits) <= F32_TOL, kwargs
+        np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5, err_msg=str(kwargs))
+    return splits
+
+
 # ---------------------------------------------------------------------- the CPU-only parts (every build)
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_device_scan_matches_float64_reference(variant, backbone, tmp_path):
     """The formulation offloaded layers use (ggml_gated_delta_net, r padded to 16, read-before-write
     by a shifted query), run here on the CPU backend, against the float64 reference."""
-    gguf_path, hf_model, _ = backbone("qwen3")
-    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], outtype="f32")
-    calls = session_calls(hf_model.config.vocab_size)
-    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
-    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
-        got, ctx = engine_session(m, calls, dmem_fused=False)
-        memory = ctx.memory
-    assert np.abs(ref_memory).max() > 1e-2
-    assert rel_err(got, ref_logits) <= F32_TOL
-    np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
+    check_dmem_against_reference(backbone, tmp_path, "qwen3", VARIANTS[variant], [{}], dmem_fused=False)
 
 
 @pytest.mark.parametrize("variant", ["uncoupled_lambda", "scalar_gates_uncoupled", "state_heads_4", "message_mean"])
@@ -182,35 +194,18 @@ def test_offloaded_logits_equal_the_cpu_engine(arch, placement, backbone, rpc_se
 @needs_rpc
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dmem_on_rpc_matches_float64_reference(variant, backbone, rpc_servers, tmp_path):
-    gguf_path, hf_model, _ = backbone("qwen3")
-    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], outtype="f32")
-    calls = session_calls(hf_model.config.vocab_size)
-    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
-    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64, n_gpu_layers=-1, rpc_servers=rpc_servers[:1]) as m:
-        got, ctx = engine_session(m, calls)
-        memory, splits = ctx.memory, ctx.n_splits
-        ctx.close()
-    assert rel_err(got, ref_logits) <= F32_TOL
-    np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
-    assert splits == 2, "δ-mem must not bounce a fully offloaded model back to the host"
+    splits = check_dmem_against_reference(backbone, tmp_path, "qwen3", VARIANTS[variant],
+                                          [dict(n_gpu_layers=-1, rpc_servers=rpc_servers[:1])])
+    assert splits == [2], "δ-mem must not bounce a fully offloaded model back to the host"
 
 
 @needs_rpc
 @pytest.mark.parametrize("arch", ["llama", "smollm3"])
 def test_dmem_partially_offloaded_and_split(arch, backbone, rpc_servers, tmp_path):
     """CPU layers run the fused kernels, offloaded ones the device scan, in one model."""
-    gguf_path, hf_model, _ = backbone(arch)
-    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["released"], outtype="f32")
-    calls = session_calls(hf_model.config.vocab_size)
-    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
-    for kwargs in (dict(n_gpu_layers=1, rpc_servers=rpc_servers[:1]),
-                   dict(n_gpu_layers=-1, rpc_servers=rpc_servers, tensor_split=[1, 1])):
-        with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64, **kwargs) as m:
-            got, ctx = engine_session(m, calls)
-            memory = ctx.memory
-            ctx.close()
-        assert rel_err(got, ref_logits) <= F32_TOL, kwargs
-        np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
+    check_dmem_against_reference(backbone, tmp_path, arch, VARIANTS["released"],
+                                 [dict(n_gpu_layers=1, rpc_servers=rpc_servers[:1]),
+                                  dict(n_gpu_layers=-1, rpc_servers=rpc_servers, tensor_split=[1, 1])])
 
 
 @needs_rpc
@@ -352,17 +347,8 @@ def test_gpu_logits_equal_the_cpu_engine(arch, backbone):
 @needs_gpu
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dmem_on_gpu_matches_float64_reference(variant, backbone, tmp_path):
-    gguf_path, hf_model, _ = backbone("qwen3")
-    config, tensors, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS[variant], outtype="f32")
-    calls = session_calls(hf_model.config.vocab_size)
-    ref_logits, ref_memory = reference_session(hf_model, config, tensors, calls)
-    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64, n_gpu_layers=-1) as m:
-        got, ctx = engine_session(m, calls)
-        memory, splits = ctx.memory, ctx.n_splits
-        ctx.close()
-    assert rel_err(got, ref_logits) <= F32_TOL
-    np.testing.assert_allclose(memory, ref_memory, rtol=1e-4, atol=1e-5)
-    assert splits == 2
+    splits = check_dmem_against_reference(backbone, tmp_path, "qwen3", VARIANTS[variant], [dict(n_gpu_layers=-1)])
+    assert splits == [2]
 
 
 @needs_gpu
