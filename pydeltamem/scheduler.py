@@ -120,12 +120,13 @@ class BatchScheduler:
     # ---- submitting ----
     def submit(self, prompt: Sequence[int], *, max_tokens: int | None = 256, stop: str | Sequence[str] | None = None,
                sampling: SamplingParams | None = None, context: "Context | None" = None, write: bool = True,
-               seg_ids: Sequence[int] | None = None, seg_id: int = -1) -> BatchRequest:
+               seg_ids: Sequence[int] | None = None, seg_id: int = -1,
+               stop_tokens: Sequence[int] = ()) -> BatchRequest:
         """Queues a generation of up to max_tokens tokens after prompt (token ids). With context, it
         continues that context (which no one else may use until the request is done); without, it
-        gets a fresh context of the model, closed when it ends. seg_ids / seg_id / write: as
-        Context.generate's."""
-        from .model import _token_list
+        gets a fresh context of the model, closed when it ends. seg_ids / seg_id / write /
+        stop_tokens: as Context.generate's."""
+        from .model import _effective_ids, _token_list
 
         tokens = _token_list(prompt)
         if not tokens:
@@ -143,21 +144,28 @@ class BatchScheduler:
         if seg_ids is not None and len(seg_ids) != len(tokens):
             raise ValueError(f"seg_ids has {len(seg_ids)} entries for {len(tokens)} prompt tokens")
         sampler = new_sampler(sampling or SamplingParams(), ctx.tokens + tokens)
-        gen = _core.Generator(ctx._native, sampler, max_new_tokens(ctx, max_tokens), stop_list(stop), [],
-                              write=bool(write), seg_id=int(seg_id))
-        req = BatchRequest(self, ctx, owned, tokens, None if seg_ids is None else list(seg_ids), gen)
+        gen = _core.Generator(ctx._native, sampler, max_new_tokens(ctx, max_tokens), stop_list(stop),
+                              _token_list(stop_tokens), write=bool(write), seg_id=int(seg_id))
+        req = BatchRequest(self, ctx, owned, tokens, _effective_ids(seg_ids), gen)
         with self._lock:
-            if self._closed:
-                raise ValueError("the scheduler is closed")
-            if self.max_queue and len(self._waiting) >= self.max_queue:
-                if owned:
-                    ctx.close()
-                raise RuntimeError(f"the queue is full ({self.max_queue} requests waiting)")
-            if any(r.context is ctx for r in list(self._waiting) + self._running):
-                raise ValueError("the context already has a request in this scheduler")
-            self._waiting.append(req)
-            self._lock.notify()
-        return req
+            refusal = self._refusal(ctx)
+            if refusal is None:
+                self._waiting.append(req)
+                self._lock.notify()
+                return req
+        if owned:
+            ctx.close()
+        raise refusal
+
+    def _refusal(self, ctx: "Context") -> Exception | None:
+        """Under the lock: why a request on ctx cannot be queued now, if it cannot."""
+        if self._closed:
+            return ValueError("the scheduler is closed")
+        if self.max_queue and len(self._waiting) >= self.max_queue:
+            return RuntimeError(f"the queue is full ({self.max_queue} requests waiting)")
+        if any(r.context is ctx for r in list(self._waiting) + self._running):
+            return ValueError("the context already has a request in this scheduler")
+        return None
 
     @property
     def n_running(self) -> int:
