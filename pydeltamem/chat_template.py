@@ -74,7 +74,7 @@ def _compile(source: str) -> jinja2.Template:
 def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos_token: str = "",
                 eos_token: str = "", add_generation_prompt: bool = True, **extra: Any) -> str:
     """Renders messages ([{"role": ..., "content": ...}, ...]) into the prompt text the model expects."""
-    messages = _plain_messages(messages)
+    messages = plain_messages(messages)
     try:
         return _compile(template).render(messages=messages, bos_token=bos_token,
                                          eos_token=eos_token, add_generation_prompt=add_generation_prompt,
@@ -83,7 +83,7 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos_tok
         raise ChatTemplateError(f"chat template failed: {e}") from e
 
 
-def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Copies of the messages with text content: OpenAI's None (a message with tool calls only)
     becomes "", and a list of text parts their texts, one per line."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):

@@ -17,14 +17,20 @@ from .session import ChatSession
 SAMPLING_DEFAULTS = {"generate": SamplingParams(), "chat": SamplingParams.chat()}
 
 
-def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None, adapter: str | None = None,
-               **devices) -> Model:
-    """A Model from -m: a GGUF path, REPO_ID:FILENAME_GLOB on the Hugging Face Hub, or (None) the
-    default model (pydeltamem.defaults); adapter: a δ-mem adapter GGUF, or the REPO_ID of an official
-    δ-mem release on the Hub (converted once for this model); devices: Model()'s device arguments."""
+def model_files(spec: str | None, adapter: str | None = None) -> tuple[str, str | None]:
+    """The GGUF paths of -m (a GGUF path, REPO_ID:FILENAME_GLOB on the Hugging Face Hub, or None: the
+    default model, pydeltamem.defaults) and of --adapter (a δ-mem adapter GGUF, or the REPO_ID of an
+    official δ-mem release on the Hub, converted once for this model)."""
     path = default_model_path() if spec is None else model_path_from_spec(spec)
     if adapter is not None and not os.path.exists(adapter) and _looks_like_repo_id(adapter):
         adapter = adapter_gguf_from_hub(adapter, path)
+    return path, adapter
+
+
+def load_model(spec: str | None, *, n_ctx: int, n_threads: int | None, adapter: str | None = None,
+               **devices) -> Model:
+    """A Model of model_files(spec, adapter); devices: Model()'s device arguments."""
+    path, adapter = model_files(spec, adapter)
     return Model(path, n_ctx=n_ctx, n_threads=n_threads, adapter=adapter, **devices)
 
 

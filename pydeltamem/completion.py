@@ -166,11 +166,15 @@ class TextStream(Generic[T]):
 
 # ---- one generation ---------------------------------------------------------------------------------
 
+class ContextFullError(ValueError):
+    """The prompt (or a chat session's conversation with room for a reply) does not fit the context."""
+
+
 def check_prompt(ctx: "Context", tokens: Sequence[int]) -> None:
     if not tokens:
         raise ValueError("the prompt is empty (no tokens)")
     if len(tokens) > ctx.n_ctx:
-        raise ValueError(f"the prompt has {len(tokens)} tokens, more than the context holds (n_ctx = {ctx.n_ctx})")
+        raise ContextFullError(f"the prompt has {len(tokens)} tokens, more than the context holds (n_ctx = {ctx.n_ctx})")
 
 
 def stop_list(stop: str | Sequence[str] | None) -> list[str]:
@@ -213,8 +217,36 @@ def reuse_prefix(ctx: "Context", prompt: list[int], ids: list[int] | None, *, wr
     return prompt[n_keep:], None if ids is None else ids[n_keep:]
 
 
-def _usage(n_prompt: int, n_completion: int) -> dict[str, int]:
+def usage(n_prompt: int, n_completion: int) -> dict[str, int]:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+
+
+# ---- OpenAI's response shapes (here and in pydeltamem.server) ----------------------------------------
+
+def response_header(kind: str, model: str) -> dict[str, Any]:
+    """id and created of a "text_completion" (kind "cmpl") or "chat.completion" ("chatcmpl"), and model."""
+    return {"id": f"{kind}-{uuid.uuid4()}", "created": int(time.time()), "model": model}
+
+
+def completion_chunk(header: dict[str, Any], text: str, finish: str | None) -> dict:
+    return {**header, "object": "text_completion",
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+
+def completion_response(header: dict[str, Any], gen: Generation, n_prompt: int) -> dict:
+    return {**completion_chunk(header, gen.text, gen.finish), "usage": usage(n_prompt, len(gen.tokens))}
+
+
+def chat_chunk(header: dict[str, Any], delta: dict[str, Any], finish: str | None) -> dict:
+    return {**header, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def chat_response(header: dict[str, Any], gen: Generation, n_prompt: int) -> dict:
+    return {**header, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
+                         "finish_reason": gen.finish}],
+            "usage": usage(n_prompt, len(gen.tokens))}
 
 
 # ---- text completion --------------------------------------------------------------------------------
@@ -232,16 +264,10 @@ def create_completion(model: "Model", slot: GenerationSlot, prompt_tokens: list[
         return ctx.generate(todo, sampler, max_tokens=max_new_tokens(ctx, max_tokens), stop=stops, write=write,
                             on_piece=on_piece)
 
-    header = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
-              "model": model.model_path}
-
-    def choice(text: str, finish: str | None) -> dict:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-
+    header = response_header("cmpl", model.model_path)
     if stream:
-        return _chunks(slot.stream(work), lambda text, finish: {**header, "choices": [choice(text, finish)]})
-    gen = slot.run(work)
-    return {**header, "choices": [choice(gen.text, gen.finish)], "usage": _usage(len(prompt_tokens), len(gen.tokens))}
+        return _chunks(slot.stream(work), lambda text, finish: completion_chunk(header, text, finish))
+    return completion_response(header, slot.run(work), len(prompt_tokens))
 
 
 def _chunks(stream: TextStream[Generation], chunk: Callable[[str, str | None], dict],
@@ -290,17 +316,8 @@ def create_chat_completion(model: "Model", slot: GenerationSlot, messages: Seque
         return ctx.generate(todo, sampler, seg_ids=ids, max_tokens=max_new_tokens(ctx, max_tokens), stop=stops,
                             stop_tokens=model.end_of_turn_tokens, write=write, seg_id=reply_id, on_piece=on_piece)
 
-    header = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model.model_path}
-
-    def chunk(delta: dict, finish: str | None) -> dict:
-        return {**header, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
+    header = response_header("chatcmpl", model.model_path)
     if stream:
-        return _chunks(slot.stream(work), lambda text, finish: chunk({"content": text} if text else {}, finish),
-                       first=chunk({"role": "assistant"}, None))
-    gen = slot.run(work)
-    return {"id": header["id"], "object": "chat.completion", "created": header["created"], "model": header["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
-                         "finish_reason": gen.finish}],
-            "usage": _usage(len(prompt_tokens), len(gen.tokens))}
+        return _chunks(slot.stream(work), lambda text, finish: chat_chunk(header, {"content": text} if text else {}, finish),
+                       first=chat_chunk(header, {"role": "assistant"}, None))
+    return chat_response(header, slot.run(work), len(prompt_tokens))

@@ -74,6 +74,11 @@ def memory_header(adapter: dict[str, Any], shape: tuple[int, ...]) -> dict[str, 
     return {"fingerprint": adapter["fingerprint"], "shape": list(shape)}
 
 
+def memory_file(adapter: dict[str, Any], memory: np.ndarray) -> list[bytes]:
+    """The pieces of a memory file holding memory (save_memory's format)."""
+    return pack(MEMORY_MAGIC, memory_header(adapter, memory.shape), [memory.astype("<f4").tobytes()])
+
+
 def check_memory_header(header: dict[str, Any], adapter: dict[str, Any], shape: tuple[int, ...], path: str) -> None:
     if header.get("fingerprint") != adapter["fingerprint"]:
         raise ValueError(f"{path!r} holds memory of another adapter (fingerprint {header.get('fingerprint')!r}, "

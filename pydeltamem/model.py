@@ -204,6 +204,14 @@ class Model:
         return None if self._adapter is None else dict(self._adapter)
 
     @property
+    def memory_shape(self) -> tuple[int, int, int, int] | None:
+        """Shape of a context's δ-mem memory: [target layers, state heads, rank, rank]; None without an adapter."""
+        a = self._adapter
+        if a is None:
+            return None
+        return (len(a["target_layers"]), a["num_state_heads"], a["rank"], a["rank"])
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """GGUF key/value metadata; long arrays (vocabularies, merges) are summarised as "[type; n]"."""
         if self._metadata is None:
@@ -298,11 +306,7 @@ class Model:
         SamplingParams(): temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, a random seed) with the
         fields named here changed (None keeps a field; seed=-1 asks for a random one); temperature 0
         is greedy. With a δ-mem adapter, write=False reads the memory without writing it."""
-        if isinstance(prompt, (str, bytes)):
-            # Like llama-cpp-python: BOS as the model asks, and special tokens written in the prompt count.
-            tokens = self.tokenize(prompt, add_special=True, parse_special=True)
-        else:
-            tokens = _token_list(prompt)
+        tokens = self.prompt_tokens(prompt)
         params = sampling_params(sampling, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                  typical_p=typical_p, repeat_penalty=repeat_penalty,
                                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
@@ -311,6 +315,13 @@ class Model:
                                             sampling=params, stream=stream, write=write)
 
     __call__ = create_completion
+
+    def prompt_tokens(self, prompt: str | bytes | Sequence[int]) -> list[int]:
+        """The tokens a completion of prompt (text or token ids) starts from. Like llama-cpp-python:
+        BOS as the model asks, and special tokens written in the prompt count."""
+        if isinstance(prompt, (str, bytes)):
+            return self.tokenize(prompt, add_special=True, parse_special=True)
+        return _token_list(prompt)
 
     def create_chat_completion(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
                                temperature: float | None = None, top_p: float | None = None,
@@ -527,9 +538,8 @@ class Context:
 
     @property
     def memory_shape(self) -> tuple[int, int, int, int]:
-        a = self._require_adapter()
-        r = a["rank"]
-        return (len(a["target_layers"]), a["num_state_heads"], r, r)
+        self._require_adapter()
+        return self.model.memory_shape
 
     @property
     def memory(self) -> np.ndarray:
@@ -552,10 +562,7 @@ class Context:
 
     def save_memory(self, path: str | os.PathLike) -> None:
         """Writes the δ-mem state to a small file tied to the adapter's fingerprint (atomically)."""
-        adapter = self._require_adapter()
-        mem = self.memory
-        header = _memfile.memory_header(adapter, mem.shape)
-        _atomic.write_bytes(path, _memfile.pack(_memfile.MEMORY_MAGIC, header, [mem.astype("<f4").tobytes()]))
+        _atomic.write_bytes(path, _memfile.memory_file(self._require_adapter(), self.memory))
 
     def load_memory(self, path: str | os.PathLike) -> None:
         """Restores a state written by save_memory; raises ValueError for another adapter's memory."""
@@ -631,6 +638,12 @@ class Context:
         head_k = int(meta.get(prefix + "key_length", self.model.n_embd // n_head))
         head_v = int(meta.get(prefix + "value_length", head_k))
         return n_head_kv * head_k, n_head_kv * head_v
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache, allocated for all n_ctx positions when the context is made."""
+        k, v = self.kv_widths()
+        return self.n_ctx * self.model.n_layer * (k + v) * self._kv_dtype().itemsize
 
     def get_kv(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per layer, (keys, values) of the sequence as float32 [n_past, width]: each token's row holds

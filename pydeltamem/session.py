@@ -25,26 +25,38 @@ the KV cache (reading, not writing), and a conversation that diverges does not w
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from . import atomic
 from . import memfile
-from .completion import (GenerationSlot, TextStream, chat_segments, check_prompt, max_new_tokens, reply_segment_id,
-                         stop_list)
+from .completion import (ContextFullError, Generation, GenerationSlot, TextStream, chat_segments, check_prompt,
+                         max_new_tokens, reply_segment_id, stop_list)
 from .sampling import SamplingParams, new_sampler, sampling_params
 from .segments import Segments, with_generation_prompt
 from .snapshot import engine_kv_rows, memory_from_state, read_reference_snapshot
 
 if TYPE_CHECKING:
     from .model import Context, Model
+    from .scheduler import BatchScheduler
 
 SESSION_MAGIC = b"DMEMSES1"
 SESSION_VERSION = 2
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+@dataclass(frozen=True)
+class SessionState:
+    """What a ChatSession is, without its KV cache: enough to continue it exactly (ChatSession.export,
+    ChatSession.restore). memory is None without an adapter."""
+    messages: list[dict[str, Any]]
+    seen: int          # leading tokens of the conversation the memory has seen
+    carried: bool      # the memory holds more than the conversation shows
+    memory: np.ndarray | None
+
+
+def _common_prefix(a: list, b: list) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -63,9 +75,14 @@ class ChatSession:
     """
 
     def __init__(self, model: "Model", *, system: str | None = None, memory: str | os.PathLike | None = None,
-                 n_ctx: int | None = None, n_threads: int | None = None):
+                 n_ctx: int | None = None, n_threads: int | None = None, scheduler: "BatchScheduler | None" = None):
+        """scheduler: generate the replies through this BatchScheduler of the model (batched with the
+        other generations it runs) instead of in the calling thread alone; the answers are the same."""
+        if scheduler is not None and scheduler.model is not model:
+            raise ValueError("the scheduler runs another model than the session's")
         self.model = model
-        self._slot = GenerationSlot(model.context(n_ctx=n_ctx, n_threads=n_threads))
+        self._scheduler = scheduler
+        self._slot = GenerationSlot(model.context(n_ctx=n_ctx, n_threads=n_threads, poll=0 if scheduler is not None else None))
         self._granularity = (model.adapter or {}).get("write_granularity")
         self._messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
         self._segments: Segments | None = None   # of the last conversation rendered (resumed by the next)
@@ -75,6 +92,7 @@ class ChatSession:
         # The memory holds more than the conversation shows (loaded, or the context dropped): a
         # diverging conversation must not wipe it.
         self._carried = False
+        self.last_turn: tuple[int, Generation] | None = None   # (prompt tokens, reply) of the last finished turn
         if memory is not None:
             self.ctx.load_memory(memory)
             self._carried = True
@@ -109,24 +127,49 @@ class ChatSession:
         """Adds a user message, generates the assistant's answer and returns it (or streams its pieces).
         Sampling: `sampling` (default SamplingParams.chat()) with the fields named in overrides changed.
         write=False reads the δ-mem memory without writing it (the turn still joins the conversation)."""
-        params = sampling_params(sampling or SamplingParams.chat(), **overrides)
         if not isinstance(text, str):
             raise ValueError("text must be a string")
-        messages = self._messages + [{"role": "user", "content": text}]
+        return self.reply(self._messages + [{"role": "user", "content": text}], stream=stream,
+                          max_tokens=max_tokens, stop=stop, write=write, sampling=sampling, **overrides)
+
+    def reply(self, messages: list[dict[str, Any]], *, stream: bool = False, max_tokens: int | None = None,
+              stop: str | list[str] | None = None, write: bool = True, sampling: SamplingParams | None = None,
+              **overrides: Any) -> str | Iterator[str]:
+        """Answers `messages`, the whole conversation (ending with the user's message), which then
+        replaces the session's: chat(text) is reply(messages + [user text]). Tokens the context
+        holds already are reused; when messages do not extend the conversation, the memory is kept
+        and only the tokens after the part it has seen are written (see the module's notes).
+        A conversation that does not fit the context with room for a reply raises ContextFullError
+        (drop_context() then continues memory-only)."""
+        params = sampling_params(sampling or SamplingParams.chat(), **overrides)
+        messages = [dict(m) for m in messages]
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("the conversation must end with the user's message")
         history = self._history(messages)
         prompt = with_generation_prompt(self.model.chat_format, history)
         check_prompt(self.ctx, prompt.tokens)
         budget = self._reply_budget(messages, prompt.tokens)
         stops = stop_list(stop)
-        sampler = new_sampler(params, prompt.tokens)
 
         def work(ctx: "Context", on_piece) -> str:
+            self._adopt(messages, prompt.tokens)
             return self._turn(ctx, messages, history, prompt, min(max_new_tokens(ctx, max_tokens), budget), stops,
-                              sampler, bool(write), on_piece)
+                              params, bool(write), on_piece)
 
         if stream:
             return self._stream(self._slot.stream(work))
         return self._slot.run(work)
+
+    def _adopt(self, messages: list[dict[str, Any]], prompt_tokens: list[int]) -> None:
+        """Before a turn: when the new conversation does not extend the one the memory has seen,
+        the memory has seen only their common tokens of it, and holds more than it shows."""
+        if self._seen == 0 or self.model.adapter is None or messages[:len(self._messages)] == self._messages:
+            return
+        old = self._history(self._messages).tokens if self._messages else []
+        common = _common_prefix(old, prompt_tokens)
+        if common < min(self._seen, len(old)):
+            self._seen = common
+            self._carried = True
 
     @staticmethod
     def _stream(stream: TextStream[str]) -> Iterator[str]:
@@ -134,14 +177,14 @@ class ChatSession:
             yield from stream
 
     def _turn(self, ctx: "Context", messages: list[dict[str, Any]], history: Segments, prompt: Segments,
-              max_tokens: int, stops: list[str], sampler, write: bool, on_piece) -> str:
+              max_tokens: int, stops: list[str], params: SamplingParams, write: bool, on_piece) -> str:
         self._messages = messages
         todo, ids = self._bring_up_to(ctx, prompt, write)
         if not todo:
             raise RuntimeError("the prompt adds no tokens to the conversation: nothing to generate from")
         reply_id = reply_segment_id(self.model, history)
-        gen = ctx.generate(todo, sampler, seg_ids=ids, max_tokens=max_tokens, stop=stops,
-                           stop_tokens=self.model.end_of_turn_tokens, write=write, seg_id=reply_id, on_piece=on_piece)
+        gen = self._generate(ctx, todo, ids, params, max_tokens=max_tokens, stops=stops, write=write,
+                             reply_id=reply_id, on_piece=on_piece)
         if ctx.n_past < len(prompt.tokens) + len(gen.tokens):   # the loop does not decode its last token
             self._decode(ctx, gen.tokens[-1:], [reply_id], write)
         self._seen = ctx.n_past
@@ -150,7 +193,26 @@ class ChatSession:
         if todo:
             self._decode(ctx, todo, ids, write)
         self._seen = ctx.n_past
+        self.last_turn = (len(prompt.tokens), gen)
         return gen.text
+
+    def _generate(self, ctx: "Context", todo: list[int], ids: list[int] | None, params: SamplingParams, *,
+                  max_tokens: int, stops: list[str], write: bool, reply_id: int, on_piece) -> Generation:
+        """The reply after todo (the prompt's tokens the context does not hold yet): in this thread,
+        or as a request of the session's scheduler whose pieces go to on_piece (False cancels it)."""
+        end_tokens = self.model.end_of_turn_tokens
+        if self._scheduler is None:
+            return ctx.generate(todo, new_sampler(params, ctx.tokens + todo), seg_ids=ids, max_tokens=max_tokens,
+                                stop=stops, stop_tokens=end_tokens, write=write, seg_id=reply_id, on_piece=on_piece)
+        req = self._scheduler.submit(todo, context=ctx, seg_ids=ids, max_tokens=max_tokens, stop=stops,
+                                     stop_tokens=end_tokens, sampling=params, write=write, seg_id=reply_id)
+        try:
+            for piece in req:
+                if on_piece is not None and on_piece(piece.encode()) is False:
+                    req.cancel()
+        finally:   # the reader gave up (or raised): the request must not run on without it
+            req.cancel()
+        return req.result()
 
     def _reply_budget(self, messages: list[dict[str, Any]], prompt: list[int]) -> int:
         """Tokens the reply may have so that it and the closing tokens after it fit the context."""
@@ -158,7 +220,7 @@ class ChatSession:
                                                add_generation_prompt=False)
         budget = self.ctx.n_ctx - len(prompt) - (len(closed) - _common_prefix(closed, prompt))
         if budget < 1:
-            raise ValueError(f"the conversation fills the context (n_ctx = {self.ctx.n_ctx}): drop_context(), "
+            raise ContextFullError(f"the conversation fills the context (n_ctx = {self.ctx.n_ctx}): drop_context(), "
                              "forget(), or a session with a larger n_ctx")
         return budget
 
@@ -232,15 +294,55 @@ class ChatSession:
     def _model_info(self) -> dict[str, Any]:
         return {"arch": self.model.arch, "n_layer": self.model.n_layer, "n_vocab": self.model.n_vocab}
 
+    def export(self) -> SessionState:
+        """The session's messages, memory and bookkeeping: restore() continues it exactly."""
+        with self._slot.hold() as ctx:
+            return self._state(ctx)
+
+    def _state(self, ctx: "Context") -> SessionState:
+        memory = ctx.memory if self.model.adapter is not None else None
+        return SessionState([dict(m) for m in self._messages], self._seen, self._carried, memory)
+
+    @classmethod
+    def restore(cls, model: "Model", state: SessionState, **session_kwargs: Any) -> "ChatSession":
+        """A session continuing an exported one; its KV cache is rebuilt by the next turn (reading the
+        memory, not writing it). session_kwargs: the constructor's (n_ctx, n_threads, scheduler)."""
+        session = cls(model, **session_kwargs)
+        session._set_state(session.ctx, state)
+        return session
+
+    def rewind(self, state: SessionState) -> None:
+        """Goes back to an exported state of this session (e.g. the end of an earlier turn). When the
+        context still holds that state's conversation, its KV rows are kept: the session is then
+        exactly as it was in that state."""
+        with self._slot.hold() as ctx:
+            self._set_state(ctx, state)
+            target = self._history(self._messages).tokens if self._messages else []
+            if _common_prefix(ctx.tokens, target) == len(target):
+                ctx.truncate(len(target))
+            else:
+                ctx.reset()
+
+    def _set_state(self, ctx: "Context", state: SessionState) -> None:
+        if (state.memory is None) != (self.model.adapter is None):
+            raise ValueError("the state's memory does not match the model's adapter (one has δ-mem, the other not)")
+        if state.memory is not None:
+            ctx.memory = state.memory
+        self._messages = [dict(m) for m in state.messages]
+        self._seen = state.seen
+        self._carried = state.carried
+        self._segments = None
+
     def save(self, path: str | os.PathLike, *, include_state: bool = False) -> None:
         """Writes messages and memory (and, with include_state, the KV cache) to one file, atomically."""
         with self._slot.hold() as ctx:
             adapter = self.model.adapter
-            payload = [ctx.memory.astype("<f4").tobytes() if adapter is not None else b""]
+            state = self._state(ctx)
+            payload = [state.memory.astype("<f4").tobytes() if state.memory is not None else b""]
             if include_state:
                 payload.append(ctx.get_state())
-            header = {"version": SESSION_VERSION, "messages": self._messages, "seen": self._seen,
-                      "carried": self._carried, "adapter": None if adapter is None else adapter["fingerprint"],
+            header = {"version": SESSION_VERSION, "messages": state.messages, "seen": state.seen,
+                      "carried": state.carried, "adapter": None if adapter is None else adapter["fingerprint"],
                       "model": self._model_info(), "include_state": include_state,
                       "memory_bytes": len(payload[0]), "state_bytes": len(payload[1]) if include_state else 0}
             atomic.write_bytes(path, memfile.pack(SESSION_MAGIC, header, payload))
@@ -258,14 +360,13 @@ class ChatSession:
             raise ValueError(f"{path!r} is a session of another model ({fields['model']})")
         session = cls(model, **ctx_kwargs)
         n_mem = fields["memory_bytes"]
+        memory = None
         if adapter is not None:
             shape = session.ctx.memory_shape
-            session.ctx.memory = memfile.floats(payload[:n_mem], int(np.prod(shape)), path, "memory").reshape(shape)
+            memory = memfile.floats(payload[:n_mem], int(np.prod(shape)), path, "memory").reshape(shape)
+        session._set_state(session.ctx, SessionState(fields["messages"], fields["seen"], fields["carried"], memory))
         if fields["include_state"]:
             session.ctx.set_state(bytes(payload[n_mem:n_mem + fields["state_bytes"]]), path)
-        session._messages = fields["messages"]
-        session._seen = fields["seen"]
-        session._carried = fields["carried"]
         return session
 
     @classmethod
