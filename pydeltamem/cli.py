@@ -8,6 +8,7 @@ import sys
 def _build_parser() -> argparse.ArgumentParser:
     from . import bench, cli_devices, cli_text, quality, quantize
     from .convert import adapter, hf_to_gguf
+    from .server import cli as server_cli
 
     parser = argparse.ArgumentParser(prog="deltamem", description="pydeltamem: local LLM inference with δ-mem")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -18,6 +19,7 @@ def _build_parser() -> argparse.ArgumentParser:
     quality.register_cli(sub)
     bench.register_cli(sub)
     cli_devices.register_cli(sub)
+    server_cli.register_cli(sub)
     return parser
 
 
