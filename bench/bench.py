@@ -516,10 +516,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GGUF path or built-in name (repeatable): " + ", ".join(BUILTIN_MODELS) +
                         " (default: smollm2)")
     parser.add_argument("--threads", "-t", default="1,2", help="comma-separated thread counts (default 1,2)")
-    parser.add_argument("--runs", "-r", type=int, default=5, help="runs per contender (default 5)")
+    parser.add_argument("--runs", "-r", type=int, default=None, help="runs per contender (default 5; 3 with --server)")
     parser.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
-    parser.add_argument("--n-ctx", type=int, default=None, help="context size (default pp + tg, as llama-bench)")
+    parser.add_argument("--n-ctx", type=int, default=None, help="context size (default pp + tg, as llama-bench; 2048 with --server)")
     parser.add_argument("--no-dmem", action="store_true", help="skip the engine with a δ-mem adapter")
     parser.add_argument("--adapter-type", choices=ADAPTER_OUTTYPES, default="auto",
                         help="convert-adapter --outtype of the random adapter (its release files are bf16, so auto "
@@ -542,6 +542,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", metavar="N[,N...]", default=None,
                         help="aggregate tg of N concurrent sequences, batched (e.g. 1,2,4,8), against llama.cpp's "
                              "multi-sequence decoding; uses the first --threads value")
+    parser.add_argument("--server", action="store_true",
+                        help="chat serving over loopback instead: `deltamem serve` (with and without the δ-mem adapter) "
+                             "against llama-cpp-python's server on the same GGUF and load: requests/s, aggregate "
+                             "completion tokens/s, time to first token; uses the first --threads value")
+    from .server_load import DEFAULT_MAX_TOKENS, DEFAULT_TURNS
+
+    parser.add_argument("--clients", metavar="N[,N...]", default="1,4",
+                        help="with --server: concurrent clients, each its own session (default 1,4)")
+    parser.add_argument("--turns", type=int, default=DEFAULT_TURNS,
+                        help=f"with --server: turns of each client's conversation (default {DEFAULT_TURNS})")
+    parser.add_argument("--server-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"with --server: max_tokens of each reply (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     from pydeltamem.cli_devices import add_device_options
 
@@ -567,6 +579,20 @@ def _devices(args: argparse.Namespace) -> dict | None:
     return kw if kw["n_gpu_layers"] else None
 
 
+def _counts(value: str, option: str, what: str) -> list[int]:
+    """A comma-separated list of positive numbers, e.g. 1,2,4,8."""
+    ns = [int(n) for n in value.split(",") if n.strip()]
+    if not ns or min(ns) < 1:
+        raise ValueError(f"{option} takes positive {what} counts, e.g. 1,2,4,8")
+    return ns
+
+
+def _write_json(report: dict, path: str | None, log) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1))
+        log(f"[bench] wrote {path}")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -574,6 +600,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.cache_dir:
         os.environ["PYDELTAMEM_BENCH_CACHE"] = args.cache_dir
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    if args.runs is None:
+        args.runs = 3 if args.server else 5
     if not threads or min(threads) < 1 or args.runs < 1 or args.pp < 0 or args.tg < 0 or args.pp + args.tg == 0:
         raise ValueError("need threads ≥ 1, runs ≥ 1, pp ≥ 0, tg ≥ 0 and pp + tg > 0")
     if args.paired < 0:
@@ -589,17 +617,25 @@ def run_cli(args: argparse.Namespace) -> int:
         for _, py in llamacpp:
             if not os.path.isfile(py):
                 raise FileNotFoundError(f"llama-cpp-python interpreter not found: {py}")
+    if args.server:
+        from .server import format_server_table, run_server_bench
+
+        if args.turns < 1 or args.server_max_tokens < 1:
+            raise ValueError("--turns and --server-max-tokens take positive numbers")
+        report = run_server_bench(args.model or ["smollm2"], _counts(args.clients, "--clients", "client"), threads[0],
+                                  args.runs, args.turns, args.server_max_tokens, llamacpp, dmem=not args.no_dmem,
+                                  n_ctx=args.n_ctx, timeout=args.timeout, log=log)
+        print(format_server_table(report))
+        _write_json(report, args.json, log)
+        return 0
     if args.parallel:
         from .parallel import format_parallel_table, run_parallel
 
-        ns = [int(n) for n in args.parallel.split(",") if n.strip()]
-        if not ns or min(ns) < 1:
-            raise ValueError("--parallel takes positive sequence counts, e.g. 1,2,4,8")
+        ns = _counts(args.parallel, "--parallel", "sequence")
         report = run_parallel(args.model or ["smollm2"], ns, threads[0], args.runs, args.pp, args.tg, llamacpp,
                               dmem=not args.no_dmem, timeout=args.timeout, log=log)
         print(format_parallel_table(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1))
+        _write_json(report, args.json, log)
         return 0
     report = run_bench(args.model or ["smollm2"], threads, args.runs, args.pp, args.tg, llamacpp,
                        dmem=not args.no_dmem, n_ctx=args.n_ctx, timeout=args.timeout, log=log,
@@ -609,7 +645,5 @@ def run_cli(args: argparse.Namespace) -> int:
     if report["machine"].get("loadavg_start"):
         print(f"\nload average at start {report['machine']['loadavg_start']}, at end {report['machine']['loadavg_end']}"
               f" ({report['machine'].get('cpus')} CPUs, {report['machine'].get('cpu', '?')})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        log(f"[bench] wrote {args.json}")
+    _write_json(report, args.json, log)
     return 0
