@@ -47,6 +47,13 @@ SESSION_VERSION = 2
 
 
 @dataclass(frozen=True)
+class TurnResult:
+    """A finished turn: the reply and the prompt's length in tokens."""
+    generation: Generation
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class SessionState:
     """What a ChatSession is, without its KV cache: enough to continue it exactly (ChatSession.export,
     ChatSession.restore). memory is None without an adapter."""
@@ -92,7 +99,7 @@ class ChatSession:
         # The memory holds more than the conversation shows (loaded, or the context dropped): a
         # diverging conversation must not wipe it.
         self._carried = False
-        self.last_turn: tuple[int, Generation] | None = None   # (prompt tokens, reply) of the last finished turn
+        self.last_turn: TurnResult | None = None   # the last finished turn
         if memory is not None:
             self.ctx.load_memory(memory)
             self._carried = True
@@ -193,7 +200,7 @@ class ChatSession:
         if todo:
             self._decode(ctx, todo, ids, write)
         self._seen = ctx.n_past
-        self.last_turn = (len(prompt.tokens), gen)
+        self.last_turn = TurnResult(gen, len(prompt.tokens))
         return gen.text
 
     def _generate(self, ctx: "Context", todo: list[int], ids: list[int] | None, params: SamplingParams, *,

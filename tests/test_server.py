@@ -198,8 +198,9 @@ def test_sessionless_chat_equals_the_library(server, library):
     got = chat(server, messages, max_tokens=16)
     lone = library.session()
     assert reply_of(got) == lone.reply(messages, max_tokens=16, temperature=0)
-    n_prompt, gen = lone.last_turn
-    assert got["usage"]["prompt_tokens"] == n_prompt and got["usage"]["completion_tokens"] == len(gen.tokens)
+    turn = lone.last_turn
+    assert got["usage"]["prompt_tokens"] == turn.prompt_tokens
+    assert got["usage"]["completion_tokens"] == len(turn.generation.tokens)
     lone.close()
 
 

@@ -21,7 +21,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import memfile
 from ..completion import (ContextFullError, chat_chunk, chat_response, completion_chunk, completion_response,
                           response_header, usage)
 from ..sampling import SamplingParams
@@ -164,8 +163,7 @@ class Server:
                     raise APIError(499, "the client disconnected", code="client_disconnected")
                 piece = await anyio.to_thread.run_sync(_next_piece, pieces)
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(job.close)
+            await _close(job)
 
     def _sse(self, job: Job, pieces, first, chunk: Callable[[str | None, str | None], dict], include_usage: bool,
              role_chunk: bool, release: Callable[[], None]) -> StreamingResponse:
@@ -188,8 +186,7 @@ class Server:
             except APIError as e:   # a failure after the headers went out: an error event, then the end
                 yield _event(e.body())
             finally:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(job.close)
+                await _close(job)
                 release()
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -285,15 +282,12 @@ class Server:
 
     async def session_memory(self, request: Request) -> Response:
         sid = self._path_session(request)
-        model = self.engine.model
-        if model.adapter is None:
+        if self.engine.model.adapter is None:
             raise APIError(404, "this server's model has no δ-mem adapter: sessions have no memory",
                            code="no_memory")
-        blob = await anyio.to_thread.run_sync(lambda: self.engine.sessions.store.memory(sid))
-        if blob is None:
+        data = await anyio.to_thread.run_sync(lambda: self.engine.sessions.memory_file(sid))
+        if data is None:
             raise APIError(404, f"no session {sid!r}", code="session_not_found")
-        memory = np.frombuffer(blob, dtype="<f4").reshape(model.memory_shape)
-        data = b"".join(memfile.memory_file(model.adapter, memory))
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{sid}.dmem"'})
 
@@ -325,6 +319,12 @@ def _start(make_job: Callable[[], Job]) -> tuple[Job, Iterator[str], Any]:
     except BaseException:
         job.close()
         raise
+
+
+async def _close(job: Job) -> None:
+    """Closes the job, also when the request's task is being cancelled (the client went away)."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(job.close)
 
 
 def _next_piece(pieces: Iterator[str]) -> Any:

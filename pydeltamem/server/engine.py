@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator
 from ..completion import ContextFullError, Generation
 from ..model import Model
 from ..scheduler import BatchScheduler
-from ..session import ChatSession
+from ..session import ChatSession, TurnResult
 from .api import APIError, Generate
-from .sessions import SessionManager, TurnResult
+from .sessions import SessionManager
 from .store import SessionStore
 
 
@@ -195,10 +195,7 @@ class Engine:
                 stream.close()
                 chat.close()
 
-        def finished() -> TurnResult | None:
-            return None if chat.last_turn is None else TurnResult(chat.last_turn[1], chat.last_turn[0])
-
-        return Job(self._counted(pieces()), finished)
+        return Job(self._counted(pieces()), lambda: chat.last_turn)
 
     def complete(self, prompt: str | list[int], gen: Generate) -> Job:
         tokens = self.model.prompt_tokens(prompt)

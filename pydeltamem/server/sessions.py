@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..completion import ContextFullError, Generation
-from ..session import ChatSession, SessionState
+from .. import memfile
+from ..completion import ContextFullError
+from ..session import ChatSession, SessionState, TurnResult
 from .store import SessionStore, TurnState
 
 if TYPE_CHECKING:
@@ -51,12 +52,6 @@ class LiveSession:
     @property
     def turn(self) -> int:
         return len(self.ends) - 1
-
-
-@dataclass(frozen=True)
-class TurnResult:
-    generation: Generation
-    prompt_tokens: int
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -149,10 +144,19 @@ class SessionManager:
         saved = self.store.state(session_id, turn)
         if saved is None:
             raise RuntimeError(f"session {session_id!r} has no turn {turn} in the store")
-        memory = None
-        if has_memory:
-            memory = np.frombuffer(saved.memory, dtype="<f4").reshape(self.model.memory_shape).copy()
+        memory = self._memory(saved.memory) if has_memory else None
         return SessionState(saved.messages, saved.seen, saved.carried, memory)
+
+    def _memory(self, blob: bytes) -> np.ndarray:
+        """A stored memory blob as the model's memory array (a copy: the engine may write it)."""
+        return np.frombuffer(blob, dtype="<f4").reshape(self.model.memory_shape).copy()
+
+    def memory_file(self, session_id: str) -> bytes | None:
+        """The memory after the session's last turn, as a save_memory file; None for no such session."""
+        blob = self.store.memory(session_id)
+        if blob is None:
+            return None
+        return b"".join(memfile.memory_file(self.model.adapter, self._memory(blob)))
 
     def close(self) -> None:
         with self._lock:
@@ -183,7 +187,7 @@ class SessionManager:
             finally:
                 if chat.last_turn is not before:
                     self._commit(live, chat, base, new)
-                    result.append(TurnResult(chat.last_turn[1], chat.last_turn[0]))
+                    result.append(chat.last_turn)
                 else:   # the turn failed part-way: back to the last committed state
                     chat.rewind(self._state(live.id, live.turn))
 
@@ -198,7 +202,7 @@ class SessionManager:
 
     def _commit(self, live: LiveSession, chat: ChatSession, base: int, new: list[dict[str, Any]]) -> None:
         state = chat.export()
-        reply = {"role": "assistant", "content": chat.last_turn[1].text}
+        reply = {"role": "assistant", "content": chat.last_turn.generation.text}
         added = [{"role": m["role"], "content": m["content"]} for m in new] + [reply]
         memory = None if state.memory is None else state.memory.astype("<f4").tobytes()
         turn = TurnState(base + 1, state.messages, state.seen, state.carried, memory)
