@@ -111,6 +111,7 @@ class BatchScheduler:
         self._n_ctx = n_ctx
         self._lock = threading.Condition()
         self._waiting: deque[BatchRequest] = deque()
+        self._feeding: deque[BatchRequest] = deque()   # decode() requests: they join the next step
         self._running: list[BatchRequest] = []
         self._closed = False
         self.steps = 0                  # batched steps run so far
@@ -129,41 +130,67 @@ class BatchScheduler:
         from .model import _effective_ids, _token_list
 
         tokens = _token_list(prompt)
-        if not tokens:
-            raise ValueError("the prompt is empty (no tokens)")
         owned = context is None
         ctx = self.model.context(n_ctx=self._n_ctx, poll=0) if owned else context
+        try:
+            self._check_prompt(ctx, tokens, seg_ids)
+            sampler = new_sampler(sampling or SamplingParams(), ctx.tokens + tokens)
+            gen = _core.Generator(ctx._native, sampler, max_new_tokens(ctx, max_tokens), stop_list(stop),
+                                  _token_list(stop_tokens), write=bool(write), seg_id=int(seg_id))
+        except BaseException:
+            if owned:
+                ctx.close()
+            raise
+        return self._enqueue(BatchRequest(self, ctx, owned, tokens, _effective_ids(seg_ids), gen), self._waiting)
+
+    def decode(self, tokens: Sequence[int], *, context: "Context", seg_ids: Sequence[int] | None = None,
+               write: bool = True) -> None:
+        """Decodes tokens into context (which no one else may use meanwhile) in the scheduler's next
+        step, batched with the running generations, and returns when they are in (raising what failed
+        them): nothing is sampled and no logits are computed. It joins that step whatever the number
+        running, since it takes one step. Feed a context this way rather than with context.decode()
+        while the scheduler runs: two passes at once share the CPU threads badly (each one's threads
+        wait at every barrier for the other's)."""
+        from .model import _effective_ids, _token_list
+
+        tokens = _token_list(tokens)
+        self._check_prompt(context, tokens, seg_ids)
+        greedy = _core.Sampler(**SamplingParams(temperature=0.0).native())   # never asked: nothing is sampled
+        gen = _core.Generator(context._native, greedy, 0, [], [], write=bool(write))
+        req = self._enqueue(BatchRequest(self, context, False, tokens, _effective_ids(seg_ids), gen), self._feeding)
+        if req.result().finish == "cancelled":
+            raise ValueError("the scheduler was closed before the tokens were decoded")
+
+    def _check_prompt(self, ctx: "Context", tokens: list[int], seg_ids: Sequence[int] | None) -> None:
+        if not tokens:
+            raise ValueError("the prompt is empty (no tokens)")
         if ctx.model is not self.model:
             raise ValueError("the context belongs to another model than the scheduler's")
         if ctx.n_past + len(tokens) > ctx.n_ctx:
-            message = (f"the prompt has {len(tokens)} tokens, more than the context has room for "
-                       f"({ctx.n_ctx - ctx.n_past} of n_ctx = {ctx.n_ctx})")
-            if owned:
-                ctx.close()
-            raise ValueError(message)
+            raise ValueError(f"the prompt has {len(tokens)} tokens, more than the context has room for "
+                             f"({ctx.n_ctx - ctx.n_past} of n_ctx = {ctx.n_ctx})")
         if seg_ids is not None and len(seg_ids) != len(tokens):
             raise ValueError(f"seg_ids has {len(seg_ids)} entries for {len(tokens)} prompt tokens")
-        sampler = new_sampler(sampling or SamplingParams(), ctx.tokens + tokens)
-        gen = _core.Generator(ctx._native, sampler, max_new_tokens(ctx, max_tokens), stop_list(stop),
-                              _token_list(stop_tokens), write=bool(write), seg_id=int(seg_id))
-        req = BatchRequest(self, ctx, owned, tokens, _effective_ids(seg_ids), gen)
+
+    def _enqueue(self, req: BatchRequest, line: deque) -> BatchRequest:
         with self._lock:
-            refusal = self._refusal(ctx)
+            refusal = self._refusal(req.context, bounded=line is self._waiting)
             if refusal is None:
-                self._waiting.append(req)
+                line.append(req)
                 self._lock.notify()
                 return req
-        if owned:
-            ctx.close()
+        if req._owned:
+            req.context.close()
         raise refusal
 
-    def _refusal(self, ctx: "Context") -> Exception | None:
-        """Under the lock: why a request on ctx cannot be queued now, if it cannot."""
+    def _refusal(self, ctx: "Context", bounded: bool) -> Exception | None:
+        """Under the lock: why a request on ctx cannot be queued now, if it cannot (bounded: by
+        max_queue, as generations are; decodes are not)."""
         if self._closed:
             return ValueError("the scheduler is closed")
-        if self.max_queue and len(self._waiting) >= self.max_queue:
+        if bounded and self.max_queue and len(self._waiting) >= self.max_queue:
             return RuntimeError(f"the queue is full ({self.max_queue} requests waiting)")
-        if any(r.context is ctx for r in list(self._waiting) + self._running):
+        if any(r.context is ctx for r in list(self._waiting) + list(self._feeding) + self._running):
             return ValueError("the context already has a request in this scheduler")
         return None
 
@@ -195,30 +222,33 @@ class BatchScheduler:
 
     # ---- the worker ----
     def _admit(self) -> None:
-        """Under the lock: drops cancelled requests, moves waiting ones into free slots."""
-        for r in [r for r in self._waiting if r._cancelled or self._closed]:
-            self._waiting.remove(r)
-            r._finish("cancelled")
-        for r in [r for r in self._running if r._cancelled or self._closed]:
-            self._running.remove(r)
-            r._finish("cancelled")
+        """Under the lock: drops cancelled requests, moves the decodes and the waiting generations
+        that have a free slot into the running batch."""
+        for line in (self._waiting, self._feeding, self._running):
+            for r in [r for r in line if r._cancelled or self._closed]:
+                line.remove(r)
+                r._finish("cancelled")
+        while self._feeding:
+            self._start(self._feeding.popleft())
         while self._waiting and len(self._running) < self.max_batch:
-            r = self._waiting.popleft()
-            try:
-                r._gen.start(r._prompt, r._seg_ids)
-            except ValueError as e:
-                r._finish(error=e)
-                continue
-            self._running.append(r)
+            self._start(self._waiting.popleft())
+
+    def _start(self, r: BatchRequest) -> None:
+        try:
+            r._gen.start(r._prompt, r._seg_ids)
+        except ValueError as e:
+            r._finish(error=e)
+            return
+        self._running.append(r)
 
     def _work(self) -> None:
         while True:
             with self._lock:
                 self._admit()
-                while not self._running and not self._closed and not self._waiting:
+                while not self._running and not self._closed and not self._waiting and not self._feeding:
                     self._lock.wait()
                     self._admit()
-                if self._closed and not self._running and not self._waiting:
+                if self._closed and not self._running and not self._waiting and not self._feeding:
                     return
                 batch = list(self._running)
             if not batch:

@@ -253,13 +253,17 @@ class ChatSession:
                 self._seen = 0
         replay = max(keep, min(self._seen, len(target.tokens) - int(keep_last)))
         if replay > keep:   # what the memory has seen: rebuild its KV rows without writing it again
-            ctx.decode(target.tokens[keep:replay], logits="none", write=False)
+            self._decode(ctx, target.tokens[keep:replay], None, write=False)
         return target.tokens[replay:], None if ids is None else ids[replay:]
 
     def _decode(self, ctx: "Context", tokens: list[int], ids: list[int] | None, write: bool) -> None:
-        """ids: the granularity's effective ids (Segments.ids). Context.decode takes sentence ids as the
-        official module does, beside message ids that mark the tokens inside a message (>= 0)."""
-        if ids is None or self._granularity not in ("message_mean", "sentence_mean"):
+        """ids: the granularity's effective ids (Segments.ids). With a scheduler, its next step decodes
+        them (a pass of its own beside the scheduler's would fight it for the CPU threads). Context.decode
+        takes sentence ids as the official module does, beside message ids that mark the tokens inside
+        a message (>= 0)."""
+        if self._scheduler is not None:
+            self._scheduler.decode(tokens, context=ctx, seg_ids=ids, write=write)
+        elif ids is None or self._granularity not in ("message_mean", "sentence_mean"):
             ctx.decode(tokens, logits="none", write=write)
         elif self._granularity == "message_mean":
             ctx.decode(tokens, logits="none", write=write, message_ids=ids)

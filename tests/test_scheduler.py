@@ -145,3 +145,37 @@ def test_many_threads_submit_at_once(smollm2):
             t.join(timeout=120)
         assert time.monotonic() - t0 < 120
     assert got == want
+
+
+def test_decode_joins_the_next_step_and_equals_decoding_alone(backbone, tmp_path):
+    """BatchScheduler.decode: a prompt fed into a context inside the scheduler's steps, not waiting
+    for a slot; the context ends as Context.decode alone leaves it (segment-mean ids included)."""
+    gguf_path, hf_model, _ = backbone("qwen3")
+    _, _, adapter = convert(tmp_path, hf_model, gguf_path, VARIANTS["message_mean"], outtype="f32")
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, hf_model.config.vocab_size, 9).tolist()
+    ids = [0] * 4 + [-1] + [1] * 4
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=64) as m:
+        solo, fed, read_only = (m.context(kv_type="f32") for _ in range(3))
+        solo.decode(prompt, logits="none", message_ids=ids)
+        with pydeltamem.BatchScheduler(m, max_batch=1) as sched:
+            busy = sched.submit(rng.integers(0, hf_model.config.vocab_size, 5).tolist(), max_tokens=40,
+                                sampling=GREEDY, stop_tokens=[])
+            while sched.n_running == 0:
+                time.sleep(0.01)
+            steps = sched.steps
+            sched.decode(prompt, context=fed, seg_ids=ids)
+            sched.decode(prompt, context=read_only, write=False)
+            assert not busy.done and sched.steps <= steps + 4   # each joined the next step, beside it
+            with pytest.raises(ValueError, match="out of range"):
+                sched.decode([1, 10**6], context=fed)
+            with pytest.raises(ValueError, match="more than the context has room"):
+                sched.decode(list(range(60)), context=fed)
+            busy.cancel()
+        with pytest.raises(ValueError, match="closed"):
+            sched.decode([1], context=fed)
+        assert fed.tokens == solo.tokens == prompt and read_only.tokens == prompt
+        np.testing.assert_allclose(fed.memory, solo.memory, rtol=1e-5, atol=1e-6)
+        assert np.abs(solo.memory).max() > 0 and not np.any(read_only.memory)
+        nxt = int(rng.integers(0, hf_model.config.vocab_size))
+        np.testing.assert_allclose(fed.decode([nxt]), solo.decode([nxt]), rtol=1e-5, atol=1e-5)

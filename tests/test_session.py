@@ -9,6 +9,7 @@ import pydeltamem
 from dmem_fixtures import VARIANTS, make_adapter, write_adapter
 from pydeltamem.convert.adapter import convert_adapter
 from pydeltamem.segments import sentence_pieces
+from pydeltamem.session import ChatSession
 
 GREEDY = {"temperature": 0.0}
 
@@ -60,6 +61,31 @@ def test_turns_decode_only_new_tokens_and_write_memory(adapted):
         fresh.decode(tokens, logits="none")
         np.testing.assert_allclose(fresh.memory, s.memory, rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("variant", ["released", "message_mean", "sentence_mean"])
+def test_a_session_on_a_scheduler_decodes_only_in_its_steps(adapted, variant, monkeypatch):
+    """A session that generates through a BatchScheduler also feeds its context there (a pass of its
+    own beside the scheduler's steps would fight them for the CPU threads); its turns equal the same
+    session alone, memory included."""
+    gguf_path, adapter = adapted(variant)
+    questions = ["hello there. how are you?", "tell me more. please!", "and then? go on."]
+    with pydeltamem.Model(gguf_path, adapter=adapter, n_ctx=512, kv_type="f32") as m:
+        alone = m.session(system="be brief")
+        want = [alone.chat(q, max_tokens=5, **GREEDY) for q in questions]
+        with pydeltamem.BatchScheduler(m, max_batch=2) as sched:
+            s = ChatSession(m, system="be brief", scheduler=sched)
+
+            def outside(self, *args, **kwargs):
+                raise AssertionError("a pass outside the scheduler's steps")
+            monkeypatch.setattr(pydeltamem.Context, "decode", outside)
+            got = [s.chat(q, max_tokens=5, **GREEDY) for q in questions]
+            monkeypatch.undo()
+        assert got == want
+        assert s.ctx.tokens == alone.ctx.tokens
+        np.testing.assert_allclose(s.memory, alone.memory, rtol=1e-4, atol=1e-5)
+        assert np.abs(alone.memory).max() > 0
+        s.close()
 
 def test_save_load_and_drop_context(adapted, tmp_path):
     gguf_path, adapter = adapted("released")

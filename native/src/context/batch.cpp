@@ -83,9 +83,8 @@ struct chunk {
     int32_t               n_outputs;   // 0, 1 or n
 };
 
-void validate(const std::vector<dm_batch_item> & items, dm_logits which) {
+void validate(const std::vector<dm_batch_item> & items) {
     if (items.empty()) fail("decode_batch: no contexts");
-    if (which != DM_LOGITS_NONE && which != DM_LOGITS_LAST && which != DM_LOGITS_ALL) fail("decode_batch: unknown logits mode %d", which);
     std::set<const dm_context *> seen;
     for (size_t i = 0; i < items.size(); ++i) {
         const dm_batch_item & it = items[i];
@@ -93,7 +92,8 @@ void validate(const std::vector<dm_batch_item> & items, dm_logits which) {
             if (!it.ctx) fail("is NULL");
             if (it.ctx->model != items[0].ctx->model) fail("belongs to another model than context 0");
             if (!seen.insert(it.ctx).second) fail("is in the batch twice");
-            if (which != DM_LOGITS_NONE && !it.logits) fail("has no output buffer for logits");
+            if (it.which != DM_LOGITS_NONE && it.which != DM_LOGITS_LAST && it.which != DM_LOGITS_ALL) fail("unknown logits mode %d", it.which);
+            if (it.which != DM_LOGITS_NONE && !it.logits) fail("has no output buffer for logits");
             it.ctx->validate(it.tokens, it.n_tokens);
         } catch (const dm::Error & e) {
             fail("context %zu: %s", i, e.what());
@@ -152,7 +152,7 @@ void set_inputs(dm_batch_runner & r, const std::vector<chunk> & chunks, const st
 }
 
 // One pass over a chunk of every item that has tokens left.
-void run_pass(dm_context & leader, const std::vector<chunk> & chunks, size_t n_vocab, dm_logits which) {
+void run_pass(dm_context & leader, const std::vector<chunk> & chunks, size_t n_vocab) {
     const dm_adapter * adapter = leader.model->adapter.get();
     std::vector<dm_batch_runner::seq_key> want;
     std::vector<dm_dmem_plan> plans;
@@ -173,7 +173,7 @@ void run_pass(dm_context & leader, const std::vector<chunk> & chunks, size_t n_v
     size_t row = 0;
     for (const chunk & c : chunks) {
         if (c.n_outputs > 0) {
-            float * out = c.item->logits + (which == DM_LOGITS_ALL ? static_cast<size_t>(c.first) * n_vocab : 0);
+            float * out = c.item->logits + (c.item->which == DM_LOGITS_ALL ? static_cast<size_t>(c.first) * n_vocab : 0);
             ggml_backend_tensor_get(r.graph.logits, out, row * n_vocab * sizeof(float), c.n_outputs * n_vocab * sizeof(float));
             row += static_cast<size_t>(c.n_outputs);
         }
@@ -186,8 +186,8 @@ void run_pass(dm_context & leader, const std::vector<chunk> & chunks, size_t n_v
 
 } // namespace
 
-void dm_decode_batch(const std::vector<dm_batch_item> & items, dm_logits which) {
-    validate(items, which);
+void dm_decode_batch(const std::vector<dm_batch_item> & items) {
+    validate(items);
     dm_context & leader = *items[0].ctx;
     const size_t n_vocab = static_cast<size_t>(leader.model->hp.n_vocab);
     const snapshot before(items);
@@ -200,13 +200,13 @@ void dm_decode_batch(const std::vector<dm_batch_item> & items, dm_logits which) 
                 if (done[i] == it.n_tokens) continue;
                 const int32_t n = std::min(it.ctx->chunk_size(it.n_tokens, it.seg_ids, it.write), it.n_tokens - done[i]);
                 const bool last = done[i] + n == it.n_tokens;
-                const int32_t n_out = which == DM_LOGITS_ALL ? n : (which == DM_LOGITS_LAST && last ? 1 : 0);
+                const int32_t n_out = it.which == DM_LOGITS_ALL ? n : (it.which == DM_LOGITS_LAST && last ? 1 : 0);
                 chunks.push_back({&it, done[i], n, n_out});
                 done[i] += n;
             }
             if (chunks.empty()) break;
             if (leader.abort_requested()) fail("decode_batch: aborted");
-            run_pass(leader, chunks, n_vocab, which);
+            run_pass(leader, chunks, n_vocab);
         }
     } catch (...) {
         before.restore(items);

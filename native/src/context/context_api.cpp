@@ -74,9 +74,9 @@ int32_t dm_decode_batch(const dm_batch_entry * entries, int32_t n_entries, dm_lo
         std::vector<dm_batch_item> items;
         for (int32_t i = 0; i < n_entries; ++i) {
             const dm_batch_entry & e = entries[i];
-            items.push_back({e.ctx, e.tokens, e.n_tokens, e.seg_ids, e.write, e.logits});
+            items.push_back({e.ctx, e.tokens, e.n_tokens, e.seg_ids, e.write, which, e.logits});
         }
-        dm_decode_batch(items, which);
+        dm_decode_batch(items);
         return 0;
     });
 }

@@ -86,12 +86,14 @@ int32_t dm_generators_step(dm_generator * const * gens, int32_t n, bool * runnin
         for (int32_t i = 0; i < n; ++i) {
             dm_generator & g = dm::deref(gens[i], "generator");
             if (!g.running()) dm::fail("generators_step: generator %d is not running (start it first)", i);
-            logits[i].resize(static_cast<size_t>(g.ctx->model->hp.n_vocab));
+            // One that samples nothing (max_tokens 0: a prompt to decode only) skips the output layer.
+            const bool samples = g.will_sample();
+            if (samples) logits[i].resize(static_cast<size_t>(g.ctx->model->hp.n_vocab));
             items.push_back({g.ctx, g.to_decode().data(), static_cast<int32_t>(g.to_decode().size()), g.to_decode_seg_ids(),
-                             g.write, logits[i].data()});
+                             g.write, samples ? DM_LOGITS_LAST : DM_LOGITS_NONE, samples ? logits[i].data() : nullptr});
         }
-        dm_decode_batch(items, DM_LOGITS_LAST);
-        for (int32_t i = 0; i < n; ++i) running[i] = gens[i]->accept(logits[i].data());
+        dm_decode_batch(items);
+        for (int32_t i = 0; i < n; ++i) running[i] = gens[i]->accept(logits[i].empty() ? nullptr : logits[i].data());
         return 0;
     });
 }

@@ -79,7 +79,7 @@ void dm_generator::reset_results() {
 }
 
 bool dm_generator::sample_next(const float * logits, dm_text_callback emit, void * user_data) {
-    if (static_cast<int32_t>(tokens.size()) >= max_tokens) return false;   // max_tokens 0: nothing to sample
+    if (!will_sample()) return false;   // max_tokens 0: nothing to sample
     const dm_token t = sampler->sample(logits, ctx->model->hp.n_vocab);
     if (is_end_token(t)) {
         finish = DM_FINISH_STOP;

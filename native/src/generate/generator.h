@@ -34,6 +34,8 @@ struct dm_generator {
     bool running() const { return !finished; }
     const std::vector<dm_token> & to_decode() const { return next; }
     const int32_t * to_decode_seg_ids() const;
+    // Whether the next accept() samples (and so needs logits); false: it ends the generator.
+    bool will_sample() const { return static_cast<int32_t>(tokens.size()) < max_tokens; }
     bool accept(const float * logits);
     // The text that became final since the last call (valid until the next call).
     const std::string & take_text();
