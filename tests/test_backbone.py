@@ -7,6 +7,7 @@ made by llama.cpp) is checked against transformers' dequantized float reference.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,30 @@ def test_prefill_decode_prefill_matches_transformers(engine_model, tiny_referenc
     assert ctx.n_past == len(tokens)
     check_logits(np.concatenate(rows), ref, name, outtype, "prefill+decode+prefill")
 
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_decode_over_many_cache_blocks_matches_transformers(tiny_gguf, tiny_reference, name, kv_type):
+    """Decode-sized passes (1 to 8 tokens: the CPU attention op, which reads the cache 64 cells at a
+    time) after a prompt (ggml's flash attention), over a sequence of several such blocks."""
+    tokens = random_tokens(512, 200, seed=31)
+    with pydeltamem.Model(tiny_gguf(name, "f32"), n_ctx=256, n_threads=N_THREADS, kv_type=kv_type) as model:
+        tokens = [t % model.n_vocab for t in tokens]
+        ctx = model.context()
+        ctx.decode(tokens[:130], logits="none")
+        rows, i = [], 130
+        for n in itertools.cycle([1, 3, 8, 1, 5, 2, 7]):
+            if i == len(tokens):
+                break
+            n = min(n, len(tokens) - i)
+            rows.append(ctx.decode(tokens[i:i + n], logits="all"))
+            i += n
+    ref = tiny_models.reference_logits(tiny_reference(name), tokens)[130:]
+    got = np.concatenate(rows)
+    check_logits(got, ref, name, "f32" if kv_type == "f32" else "f16", f"decode, {kv_type} cache")
+    # f32 weights: what is left is the cache's own rounding (f16: ~3e-4 here)
+    assert relative_error(got, ref) <= {"f32": 1e-5, "f16": 2e-3}[kv_type]
 
 def test_contexts_are_independent_and_reset_restarts(engine_model, tiny_reference):
     """Two contexts on one model keep separate caches; reset() forgets the sequence."""

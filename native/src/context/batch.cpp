@@ -127,7 +127,7 @@ struct snapshot {
 };
 
 void set_inputs(dm_batch_runner & r, const std::vector<chunk> & chunks, const std::vector<dm_dmem_plan> & plans) {
-    std::vector<int32_t> toks, pos, out_idx;
+    std::vector<int32_t> toks, pos, out_idx, op_seqs;
     std::vector<int64_t> idx;
     std::vector<ggml_fp16_t> mask;
     int32_t first = 0;
@@ -140,8 +140,10 @@ void set_inputs(dm_batch_runner & r, const std::vector<chunk> & chunks, const st
         idx.resize(static_cast<size_t>(c.n));
         mask.resize(static_cast<size_t>(c.n) * seq.shape.n_kv);
         dm_fill_pass_inputs(n_past, c.n, seq.shape.n_kv, pos.data(), idx.data(), mask.data());
-        ggml_backend_tensor_set(seq.mask, mask.data(), 0, ggml_nbytes(seq.mask));
-        ggml_backend_tensor_set(seq.kv_idx, idx.data(), 0, ggml_nbytes(seq.kv_idx));
+        // Only device layers read the mask and cells (the CPU attention op reads op_seqs).
+        if (seq.mask->buffer) ggml_backend_tensor_set(seq.mask, mask.data(), 0, ggml_nbytes(seq.mask));
+        if (seq.kv_idx->buffer) ggml_backend_tensor_set(seq.kv_idx, idx.data(), 0, ggml_nbytes(seq.kv_idx));
+        op_seqs.insert(op_seqs.end(), {c.n, n_past});
         ggml_backend_tensor_set(r.graph.pos, pos.data(), static_cast<size_t>(first) * sizeof(int32_t), pos.size() * sizeof(int32_t));
         for (int32_t t = c.n - c.n_outputs; t < c.n; ++t) out_idx.push_back(first + t);
         if (seq.dmem) seq.dmem->set_inputs(plans[s]);
@@ -149,6 +151,7 @@ void set_inputs(dm_batch_runner & r, const std::vector<chunk> & chunks, const st
     }
     ggml_backend_tensor_set(r.graph.tokens, toks.data(), 0, ggml_nbytes(r.graph.tokens));
     if (r.graph.out_idx) ggml_backend_tensor_set(r.graph.out_idx, out_idx.data(), 0, ggml_nbytes(r.graph.out_idx));
+    if (r.graph.seqs->buffer) ggml_backend_tensor_set(r.graph.seqs, op_seqs.data(), 0, ggml_nbytes(r.graph.seqs));
 }
 
 // One pass over a chunk of every item that has tokens left.
@@ -184,11 +187,20 @@ void run_pass(dm_context & leader, const std::vector<chunk> & chunks, size_t n_v
     }
 }
 
+// The context whose backends run the batch and whose runner keeps its graph: one that has led a
+// batch before, when there is one (a new runner costs a scheduler and its buffers), else the first.
+dm_context & pick_leader(const std::vector<dm_batch_item> & items) {
+    for (const dm_batch_item & it : items) {
+        if (it.ctx->batch) return *it.ctx;
+    }
+    return *items[0].ctx;
+}
+
 } // namespace
 
 void dm_decode_batch(const std::vector<dm_batch_item> & items) {
     validate(items);
-    dm_context & leader = *items[0].ctx;
+    dm_context & leader = pick_leader(items);
     const size_t n_vocab = static_cast<size_t>(leader.model->hp.n_vocab);
     const snapshot before(items);
     try {

@@ -158,8 +158,12 @@ void dm_context::set_inputs(const dm_graph & g, const dm_token * toks, const dm_
     dm_fill_pass_inputs(n_past(), shape.n_tokens, shape.n_kv, pos_buf.data(), idx_buf.data(), mask_buf.data());
     ggml_backend_tensor_set(g.in.tokens, toks, 0, ggml_nbytes(g.in.tokens));
     ggml_backend_tensor_set(g.in.pos, pos_buf.data(), 0, ggml_nbytes(g.in.pos));
-    ggml_backend_tensor_set(g.in.mask, mask_buf.data(), 0, ggml_nbytes(g.in.mask));
-    ggml_backend_tensor_set(g.in.kv_idx, idx_buf.data(), 0, ggml_nbytes(g.in.kv_idx));
+    // Inputs no node reads get no memory: the mask and cells of ggml's attention, the lengths of
+    // the CPU attention op, as the pass's layers use one or the other.
+    if (g.in.mask->buffer) ggml_backend_tensor_set(g.in.mask, mask_buf.data(), 0, ggml_nbytes(g.in.mask));
+    if (g.in.kv_idx->buffer) ggml_backend_tensor_set(g.in.kv_idx, idx_buf.data(), 0, ggml_nbytes(g.in.kv_idx));
+    const int32_t seqs[2] = {shape.n_tokens, n_past()};
+    if (g.in.seqs->buffer) ggml_backend_tensor_set(g.in.seqs, seqs, 0, sizeof(seqs));
 }
 
 void dm_context::drop_cached_graph() {

@@ -1,6 +1,6 @@
 #include "dmem/dmem_cpu.h"
 
-#include "dmem/dmem_vec.h"
+#include "common/vec.h"
 
 #include <ggml-cpu.h>
 

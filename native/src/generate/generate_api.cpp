@@ -82,18 +82,16 @@ int32_t dm_generators_step(dm_generator * const * gens, int32_t n, bool * runnin
     return dm::guard<int32_t>(-1, [&] {
         if (!gens || n <= 0 || !running) dm::fail("generators_step: no generators (NULL or n <= 0) or no output");
         std::vector<dm_batch_item> items;
-        std::vector<std::vector<float>> logits(static_cast<size_t>(n));
         for (int32_t i = 0; i < n; ++i) {
             dm_generator & g = dm::deref(gens[i], "generator");
             if (!g.running()) dm::fail("generators_step: generator %d is not running (start it first)", i);
             // One that samples nothing (max_tokens 0: a prompt to decode only) skips the output layer.
-            const bool samples = g.will_sample();
-            if (samples) logits[i].resize(static_cast<size_t>(g.ctx->model->hp.n_vocab));
+            float * logits = g.will_sample() ? g.step_logits() : nullptr;
             items.push_back({g.ctx, g.to_decode().data(), static_cast<int32_t>(g.to_decode().size()), g.to_decode_seg_ids(),
-                             g.write, samples ? DM_LOGITS_LAST : DM_LOGITS_NONE, samples ? logits[i].data() : nullptr});
+                             g.write, logits ? DM_LOGITS_LAST : DM_LOGITS_NONE, logits});
         }
         dm_decode_batch(items);
-        for (int32_t i = 0; i < n; ++i) running[i] = gens[i]->accept(logits[i].empty() ? nullptr : logits[i].data());
+        for (int32_t i = 0; i < n; ++i) running[i] = gens[i]->accept(items[static_cast<size_t>(i)].logits);
         return 0;
     });
 }

@@ -136,6 +136,11 @@ static bool collect_text(const char * piece, size_t len, void * user_data) {
     return true;
 }
 
+float * dm_generator::step_logits() {
+    logits_buf.resize(static_cast<size_t>(ctx->model->hp.n_vocab));
+    return logits_buf.data();
+}
+
 bool dm_generator::accept(const float * logits) {
     next_seg_ids.clear();
     finished = !sample_next(logits, collect_text, &ready);

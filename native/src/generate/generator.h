@@ -36,6 +36,8 @@ struct dm_generator {
     const int32_t * to_decode_seg_ids() const;
     // Whether the next accept() samples (and so needs logits); false: it ends the generator.
     bool will_sample() const { return static_cast<int32_t>(tokens.size()) < max_tokens; }
+    // Room for the logits of a step (n_vocab floats), kept from step to step.
+    float * step_logits();
     bool accept(const float * logits);
     // The text that became final since the last call (valid until the next call).
     const std::string & take_text();
@@ -48,6 +50,7 @@ private:
     bool                  finished = true;
     std::string           ready;         // final text not yet taken
     std::string           taken;         // what take_text() returned last
+    std::vector<float>    logits_buf;    // step_logits()
 
     void reset_results();
     // Samples from the logits after the last decoded token; true with the token in next when

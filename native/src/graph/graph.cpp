@@ -1,5 +1,6 @@
 #include "graph/graph.h"
 
+#include "attention/attention_cpu.h"
 #include "context/kv_cache.h"
 #include "dmem/dmem_graph.h"
 
@@ -19,6 +20,7 @@ struct forward_builder {
     ggml_cgraph *          gf;
     dm_dmem_builder *      dmem;   // nullptr: no δ-mem in this pass
     dm_graph_inputs        in;
+    dm_attention_ops       attention_ops;   // the CPU attention ops' userdata, handed to the graph
 
     ggml_tensor * rms_norm(ggml_tensor * x, ggml_tensor * weight) const {
         return ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), weight);
@@ -87,6 +89,26 @@ struct forward_builder {
         return ggml_reshape_2d(ctx, att, hp.n_embd_o(), n);
     }
 
+    // The CPU attention op over the tokens of t, those of the sequences whose caches are given (in
+    // order), their lengths in seqs: [n_embd_o, n_tokens].
+    ggml_tensor * attend_cpu(int il, const qkv & t, const std::vector<const dm_kv_cache *> & caches, ggml_tensor * seqs) {
+        const int64_t n_tokens = t.q->ne[2];
+        auto op = std::make_shared<dm_attention_op>();
+        for (const dm_kv_cache * c : caches) {
+            op->k_cache.push_back(c->k[il]);
+            op->v_cache.push_back(c->v[il]);
+        }
+        op->scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim_k));
+        ggml_tensor * args[] = {t.q, t.k, t.v, seqs};
+        ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, hp.n_embd_o(), n_tokens, 1, 1, args, 4, dm_attention_op_cpu,
+                                           GGML_N_TASKS_MAX, op.get());
+        attention_ops.push_back(std::move(op));
+        ggml_build_forward_expand(gf, out);   // it writes the caches: it runs even where nothing reads it
+        return out;
+    }
+
+    bool cpu_attention(int il) const { return model.placement.on_cpu(il); }
+
     // Self-attention of layer il on normalised input x: [n_embd, n_tokens] -> [n_embd, n_tokens],
     // before Δo (add_attention applies it); the δ-mem reads [n_tokens, D] go to *reads.
     ggml_tensor * attention(int il, ggml_tensor * x, ggml_tensor ** reads_out) {
@@ -105,7 +127,9 @@ struct forward_builder {
         }
         const qkv t = project(il, x, q, reads);
         *reads_out = reads;
-        return linear(l.wo, attend(il, t, {&kv, shape.n_kv, in.mask, in.kv_idx}), l.bo);   // [n_embd, n_tokens]
+        ggml_tensor * att = cpu_attention(il) ? attend_cpu(il, t, {&kv}, in.seqs)
+                                              : attend(il, t, {&kv, shape.n_kv, in.mask, in.kv_idx});
+        return linear(l.wo, att, l.bo);   // [n_embd, n_tokens]
     }
 
     const dm_dmem_layer * dmem_layer(int il) const { return dmem ? model.adapter->for_layer(il) : nullptr; }
@@ -139,11 +163,13 @@ struct forward_builder {
         in.pos    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
         in.mask   = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, shape.n_kv, shape.n_tokens);
         in.kv_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, shape.n_tokens);
+        in.seqs   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 2, 1);
         ggml_set_name(in.tokens, "inp_tokens");
         ggml_set_name(in.pos, "inp_pos");
         ggml_set_name(in.mask, "inp_mask");
         ggml_set_name(in.kv_idx, "inp_kv_idx");
-        for (ggml_tensor * t : {in.tokens, in.pos, in.mask, in.kv_idx}) ggml_set_input(t);
+        ggml_set_name(in.seqs, "inp_seqs");
+        for (ggml_tensor * t : {in.tokens, in.pos, in.mask, in.kv_idx, in.seqs}) ggml_set_input(t);
     }
 
     // The last token's column of x: [n_embd, n_tokens] -> [n_embd, 1].
@@ -172,6 +198,7 @@ struct forward_builder {
         dm_graph g;
         g.gf = gf;
         g.in = in;
+        g.attention_ops = std::move(attention_ops);
         if (shape.n_outputs > 0) {
             g.logits = ggml_mul_mat(ctx, model.output, rms_norm(h, model.output_norm));   // [n_vocab, n_outputs]
             ggml_set_name(g.logits, "logits");
@@ -211,12 +238,18 @@ struct forward_builder {
         }
         const qkv t = project(il, x, nullptr, reads);
         ggml_tensor * att = nullptr;   // [n_embd_o, T]
-        int64_t first = 0;
-        for (const dm_batch_seq & s : seqs) {
-            const int64_t n = s.shape.n_tokens;
-            const qkv ts{columns(t.q, 2, first, n), columns(t.k, 2, first, n), columns(t.v, 1, first, n)};
-            att = append(ctx, att, attend(il, ts, {s.kv, s.shape.n_kv, s.mask, s.kv_idx}), 1);
-            first += n;
+        if (cpu_attention(il)) {
+            std::vector<const dm_kv_cache *> caches;
+            for (const dm_batch_seq & s : seqs) caches.push_back(s.kv);
+            att = attend_cpu(il, t, caches, in.seqs);
+        } else {
+            int64_t first = 0;
+            for (const dm_batch_seq & s : seqs) {
+                const int64_t n = s.shape.n_tokens;
+                const qkv ts{columns(t.q, 2, first, n), columns(t.k, 2, first, n), columns(t.v, 1, first, n)};
+                att = append(ctx, att, attend(il, ts, {s.kv, s.shape.n_kv, s.mask, s.kv_idx}), 1);
+                first += n;
+            }
         }
         *reads_out = reads;
         return linear(l.wo, att, l.bo);
@@ -236,6 +269,8 @@ struct forward_builder {
         in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens);
         ggml_set_input(in.tokens);
         ggml_set_input(in.pos);
+        in.seqs = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 2, static_cast<int64_t>(seqs.size()));
+        ggml_set_input(in.seqs);
         ggml_tensor * h = ggml_get_rows(ctx, model.tok_embd, in.tokens);   // [n_embd, T]
         for (int il = 0; il < hp.n_layer; ++il) {
             ggml_tensor * reads = nullptr;
@@ -247,6 +282,8 @@ struct forward_builder {
         g.gf = gf;
         g.tokens = in.tokens;
         g.pos = in.pos;
+        g.seqs = in.seqs;
+        g.attention_ops = std::move(attention_ops);
         if (n_out > 0) {
             g.out_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_out);
             ggml_set_input(g.out_idx);
@@ -267,7 +304,7 @@ dm_batch_graph dm_build_forward_batch(ggml_context * ctx, ggml_cgraph * gf, cons
                                       std::vector<dm_batch_seq> & seqs) {
     dm_graph_shape total{0, 0, 0};
     for (const dm_batch_seq & s : seqs) total.n_tokens += s.shape.n_tokens;
-    forward_builder b{ctx, model, model.hp, *seqs.front().kv, total, gf, seqs.front().dmem, {}};
+    forward_builder b{ctx, model, model.hp, *seqs.front().kv, total, gf, seqs.front().dmem, {}, {}};
     return b.build_batch(seqs);
 }
 
@@ -284,6 +321,6 @@ size_t dm_graph_max_nodes(const dm_model & model) {
 
 dm_graph dm_build_forward(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model, const dm_kv_cache & kv,
                           const dm_graph_shape & shape, dm_dmem_builder * dmem) {
-    forward_builder b{ctx, model, model.hp, kv, shape, gf, dmem, {}};
+    forward_builder b{ctx, model, model.hp, kv, shape, gf, dmem, {}, {}};
     return b.build();
 }

@@ -5,10 +5,12 @@
 
 #include <ggml.h>
 
+#include <memory>
 #include <vector>
 
 struct dm_kv_cache;
 struct dm_dmem_builder;
+struct dm_attention_op;
 
 // Inputs of one forward pass; the builder creates the tensors, the context fills them after allocation.
 struct dm_graph_inputs {
@@ -16,6 +18,7 @@ struct dm_graph_inputs {
     ggml_tensor * pos    = nullptr;   // [n_tokens] i32, absolute positions
     ggml_tensor * mask   = nullptr;   // [n_kv, n_tokens] f16, 0 or -inf (causal, and cells not yet written)
     ggml_tensor * kv_idx = nullptr;   // [n_tokens] i64, the cache cells this pass writes
+    ggml_tensor * seqs   = nullptr;   // [2, 1] i32: n_tokens, n_past (the CPU attention op's)
 };
 
 // What decides a graph's topology. Positions are inputs, and the attended cache length is padded,
@@ -34,10 +37,14 @@ struct dm_graph_shape {
 // cells cost little and a decode rebuilds its graph once per 256 tokens instead of every token.
 int32_t dm_padded_n_kv(int32_t n_used, int32_t n_ctx);
 
+// Userdata of a graph's CPU attention ops: whoever keeps the graph keeps these.
+using dm_attention_ops = std::vector<std::shared_ptr<dm_attention_op>>;
+
 struct dm_graph {
-    ggml_cgraph *   gf = nullptr;
-    dm_graph_inputs in;
-    ggml_tensor *   logits = nullptr;   // [n_vocab, n_outputs] or nullptr
+    ggml_cgraph *    gf = nullptr;
+    dm_graph_inputs  in;
+    ggml_tensor *    logits = nullptr;   // [n_vocab, n_outputs] or nullptr
+    dm_attention_ops attention_ops;
 };
 
 // Builds the forward graph in ctx (a no_alloc context sized for max_nodes). dmem, when not null,
@@ -55,15 +62,18 @@ struct dm_batch_seq {
 };
 
 struct dm_batch_graph {
-    ggml_cgraph * gf = nullptr;
-    ggml_tensor * tokens = nullptr;    // [T] i32: the sequences' tokens one after another
-    ggml_tensor * pos = nullptr;       // [T] i32
-    ggml_tensor * out_idx = nullptr;   // [n_outputs] i32: the token columns whose logits are wanted
-    ggml_tensor * logits = nullptr;    // [n_vocab, n_outputs] or null
+    ggml_cgraph *    gf = nullptr;
+    ggml_tensor *    tokens = nullptr;    // [T] i32: the sequences' tokens one after another
+    ggml_tensor *    pos = nullptr;       // [T] i32
+    ggml_tensor *    out_idx = nullptr;   // [n_outputs] i32: the token columns whose logits are wanted
+    ggml_tensor *    logits = nullptr;    // [n_vocab, n_outputs] or null
+    ggml_tensor *    seqs = nullptr;      // [2, n_seqs] i32: each sequence's n_tokens, n_past (the CPU attention op's)
+    dm_attention_ops attention_ops;
 };
 
 // The forward pass of several sequences of one model in one graph: every weight mat-mul once over
-// all T tokens; attention and the δ-mem scan per sequence, each over its own cache and state.
+// all T tokens; the δ-mem scan per sequence over its own state; attention in one op over all the
+// sequences' caches on CPU layers, else per sequence over its own cache.
 dm_batch_graph dm_build_forward_batch(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model,
                                       std::vector<dm_batch_seq> & seqs);
 

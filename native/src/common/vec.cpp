@@ -1,8 +1,9 @@
-#include "dmem/dmem_vec.h"
+#include "common/vec.h"
 
 #include <ggml-cpu.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -60,6 +61,16 @@ void mad_rows_f16(float * y, const float * a, int64_t a_stride, const ggml_fp16_
     for (int64_t d = 0; d < m; ++d) mad_f16(y, a[d * a_stride], w + d * w_stride, n);
 }
 
+void dots_f32(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale, float * out) {
+    for (int64_t c = 0; c < m; ++c) out[c] = scale * dot_f32(rows + c * row_stride, x, n);
+}
+
+float exp_shifted(float * p, const float * s, int64_t m, float shift) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < m; ++c) sum += p[c] = std::exp(s[c] - shift);
+    return sum;
+}
+
 // ---- x86-64 with AVX2, FMA and F16C ------------------------------------------------------------
 
 #ifdef DM_VEC_X86
@@ -72,6 +83,13 @@ DM_AVX2 __m256 load8(const ggml_fp16_t * p) {
 DM_AVX2 float load1(const float * p) { return *p; }
 DM_AVX2 float load1(const ggml_fp16_t * p) { return _cvtsh_ss(*p); }
 
+DM_AVX2 float hsum(__m256 v) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    return _mm_cvtss_f32(s4);
+}
+
 template <typename T>
 DM_AVX2 float dot_avx2(const T * w, const float * x, int64_t n) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -80,11 +98,7 @@ DM_AVX2 float dot_avx2(const T * w, const float * x, int64_t n) {
         for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(load8(w + i + 8 * j), load8(x + i + 8 * j), acc[j]);
     }
     for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(load8(w + i), load8(x + i), acc[0]);
-    const __m256 s8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    float sum = _mm_cvtss_f32(s4);
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for (; i < n; ++i) sum += load1(w + i) * x[i];
     return sum;
 }
@@ -108,6 +122,79 @@ DM_AVX2 void mad_rows_avx2(float * y, const float * a, int64_t a_stride, const T
             for (int64_t d = 0; d < rows; ++d) y[i] += a[(d0 + d) * a_stride] * load1(w0 + d * w_stride + i);
         }
     }
+}
+
+DM_AVX2 float dot_row_avx2(const float * w, const float * x, int64_t n) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc[0]);
+        acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc[1]);
+    }
+    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc[0]);
+    float sum = hsum(_mm256_add_ps(acc[0], acc[1]));
+    for (; i < n; ++i) sum += w[i] * x[i];
+    return sum;
+}
+
+// Four rows at a time: x is loaded once for the four, and their sums reduce together.
+DM_AVX2 void dots_avx2(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale,
+                       float * out) {
+    int64_t c = 0;
+    for (; c + 4 <= m; c += 4) {
+        const float * w = rows + c * row_stride;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + i);
+            for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * row_stride + i), xv, acc[r]);
+        }
+        // hadd twice leaves each row's halves in its lane of the two 128-bit halves
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        float sums[4];
+        _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        for (int r = 0; r < 4; ++r) {
+            for (int64_t t = i; t < n; ++t) sums[r] += w[r * row_stride + t] * x[t];
+            out[c + r] = scale * sums[r];
+        }
+    }
+    for (; c < m; ++c) out[c] = scale * dot_row_avx2(rows + c * row_stride, x, n);
+}
+
+DM_AVX2 void f16_to_f32_avx2(const ggml_fp16_t * src, float * dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+    for (; i < n; ++i) dst[i] = load1(src + i);
+}
+
+// exp(x) = 2^k e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its Taylor polynomial to
+// r^6 (relative error below 2e-7 there), 2^k put straight into the exponent bits.
+DM_AVX2 __m256 exp8(__m256 x) {
+    const __m256 lowest = _mm256_set1_ps(-87.0f);   // below it exp underflows f32's normal range: 0
+    const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.0f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);   // ln 2 in two parts: exact k ln2_hi
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(two_k)));
+}
+
+DM_AVX2 float exp_shifted_avx2(float * p, const float * s, int64_t m, float shift) {
+    const __m256 vs = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= m; c += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vs));
+        _mm256_storeu_ps(p + c, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    for (; c < m; ++c) sum += p[c] = std::exp(s[c] - shift);
+    return sum;
 }
 
 // DELTAMEM_NO_AVX2=1 takes the portable kernels (as on CPUs without AVX2), for comparisons.
@@ -149,4 +236,25 @@ void dm_vec_mad_rows(float * y, const float * a, int64_t a_stride, const void * 
     } else {
         mad_rows_f32(y, a, a_stride, static_cast<const float *>(w), w_stride, m, n);
     }
+}
+
+void dm_vec_dots(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale, float * out) {
+#ifdef DM_VEC_X86
+    if (has_avx2()) return dots_avx2(rows, row_stride, m, x, n, scale, out);
+#endif
+    dots_f32(rows, row_stride, m, x, n, scale, out);
+}
+
+float dm_vec_exp_shifted(float * p, const float * s, int64_t m, float shift) {
+#ifdef DM_VEC_X86
+    if (has_avx2()) return exp_shifted_avx2(p, s, m, shift);
+#endif
+    return exp_shifted(p, s, m, shift);
+}
+
+void dm_vec_f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
+#ifdef DM_VEC_X86
+    if (has_avx2()) return f16_to_f32_avx2(src, dst, n);
+#endif
+    ggml_cpu_fp16_to_fp32(src, dst, n);
 }

@@ -1,4 +1,4 @@
-// Vector kernels of δ-mem's CPU ops over weight rows stored as f32 or f16, with an AVX2/FMA/F16C
+// Vector kernels of the CPU ops (δ-mem's, attention's) over rows stored as f32 or f16, with an AVX2/FMA/F16C
 // path chosen at run time on x86-64 (the library itself is built for the baseline instruction set;
 // DELTAMEM_NO_AVX2=1 in the environment keeps to the portable kernels).
 #pragma once
@@ -14,3 +14,12 @@ float dm_vec_dot(const void * w, ggml_type type, const float * x, int64_t n);
 // y[i] += Σ_d a[d * a_stride] w_d[i] for the m weight rows w_d of `type` (f32 or f16), w_row_bytes apart.
 void dm_vec_mad_rows(float * y, const float * a, int64_t a_stride, const void * w, size_t w_row_bytes, ggml_type type,
                      int64_t m, int64_t n);
+
+// out[c] = scale · (row c · x) for the m f32 rows of n elements, row_stride floats apart.
+void dm_vec_dots(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale, float * out);
+
+// p[c] = exp(s[c] - shift) for c < m; returns Σ p[c]. Arguments far below 0 give 0, as exp's underflow does.
+float dm_vec_exp_shifted(float * p, const float * s, int64_t m, float shift);
+
+// dst[i] = src[i] as f32, for i < n.
+void dm_vec_f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n);
