@@ -3,6 +3,7 @@ what a single-request generation gives them (greedy), with their own stops, limi
 cancellation frees the slot; bad requests fail alone."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -159,9 +160,10 @@ def test_decode_joins_the_next_step_and_equals_decoding_alone(backbone, tmp_path
         solo, fed, read_only = (m.context(kv_type="f32") for _ in range(3))
         solo.decode(prompt, logits="none", message_ids=ids)
         with pydeltamem.BatchScheduler(m, max_batch=1) as sched:
-            busy = sched.submit(rng.integers(0, hf_model.config.vocab_size, 5).tolist(), max_tokens=40,
-                                sampling=GREEDY, stop_tokens=[])
-            while sched.n_running == 0:
+            endless = pydeltamem.SamplingParams(temperature=0.0, logit_bias={t: -math.inf for t in m.end_of_turn_tokens})
+            busy = sched.submit(rng.integers(0, hf_model.config.vocab_size, 5).tolist(), max_tokens=40, sampling=endless)
+            deadline = time.monotonic() + 60
+            while sched.n_running == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
             steps = sched.steps
             sched.decode(prompt, context=fed, seg_ids=ids)

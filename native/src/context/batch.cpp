@@ -61,7 +61,7 @@ struct dm_batch_runner {
             seqs[i].shape = key[i].shape;
             if (model.adapter) {
                 builders.push_back(std::make_unique<dm_dmem_builder>(dm_dmem_builder{
-                    ctx, gf, *model.adapter, c.memory, key[i].plan, key[i].shape.n_tokens, c.params.dmem_fused, {}, {}}));
+                    ctx, gf, *model.adapter, c.memory, key[i].plan, key[i].shape.n_tokens, c.params.dmem_fused, {}, {}, {}}));
                 seqs[i].dmem = builders.back().get();
             }
         }
@@ -127,7 +127,7 @@ struct snapshot {
 };
 
 void set_inputs(dm_batch_runner & r, const std::vector<chunk> & chunks, const std::vector<dm_dmem_plan> & plans) {
-    std::vector<int32_t> toks, pos, out_idx, op_seqs;
+    std::vector<int32_t> toks, pos, out_idx, op_seqs, plan_codes;
     std::vector<int64_t> idx;
     std::vector<ggml_fp16_t> mask;
     int32_t first = 0;
@@ -146,12 +146,19 @@ void set_inputs(dm_batch_runner & r, const std::vector<chunk> & chunks, const st
         op_seqs.insert(op_seqs.end(), {c.n, n_past});
         ggml_backend_tensor_set(r.graph.pos, pos.data(), static_cast<size_t>(first) * sizeof(int32_t), pos.size() * sizeof(int32_t));
         for (int32_t t = c.n - c.n_outputs; t < c.n; ++t) out_idx.push_back(first + t);
-        if (seq.dmem) seq.dmem->set_inputs(plans[s]);
+        if (seq.dmem) {
+            seq.dmem->set_inputs(plans[s]);
+            const std::vector<int32_t> codes = plans[s].codes(c.n);
+            plan_codes.insert(plan_codes.end(), codes.begin(), codes.end());
+        }
         first += c.n;
     }
     ggml_backend_tensor_set(r.graph.tokens, toks.data(), 0, ggml_nbytes(r.graph.tokens));
     if (r.graph.out_idx) ggml_backend_tensor_set(r.graph.out_idx, out_idx.data(), 0, ggml_nbytes(r.graph.out_idx));
     if (r.graph.seqs->buffer) ggml_backend_tensor_set(r.graph.seqs, op_seqs.data(), 0, ggml_nbytes(r.graph.seqs));
+    if (r.graph.dmem_plans && r.graph.dmem_plans->buffer) {
+        ggml_backend_tensor_set(r.graph.dmem_plans, plan_codes.data(), 0, ggml_nbytes(r.graph.dmem_plans));
+    }
 }
 
 // One pass over a chunk of every item that has tokens left.

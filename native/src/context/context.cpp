@@ -54,7 +54,7 @@ dm_context::dm_context(dm_model & m, const dm_context_params & p) : model(&m), p
     const dm_dmem_plan plan;
     std::optional<dm_dmem_builder> dmem;
     if (m.adapter) {
-        dmem.emplace(dm_dmem_builder{ctx.get(), gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}, {}});
+        dmem.emplace(dm_dmem_builder{ctx.get(), gf, *m.adapter, memory, plan, worst.n_tokens, params.dmem_fused, {}, {}, {}});
     }
     dm_graph g = dm_build_forward(ctx.get(), gf, m, kv, worst, dmem ? &*dmem : nullptr);
     if (!ggml_backend_sched_reserve(sched.get(), g.gf)) {
@@ -183,7 +183,7 @@ const dm_context::cached_graph & dm_context::graph_for(const dm_graph_shape & sh
     const dm_adapter * adapter = model->adapter.get();
     if (adapter) {
         cached.dmem.emplace(dm_dmem_builder{cached.ctx, gf, *adapter, memory, cached.plan, shape.n_tokens,
-                                            params.dmem_fused, {}, {}});
+                                            params.dmem_fused, {}, {}, {}});
     }
     cached.graph = dm_build_forward(cached.ctx, gf, *model, kv, shape, cached.dmem ? &*cached.dmem : nullptr);
     ggml_backend_sched_reset(sched.get());

@@ -158,22 +158,22 @@ struct projections {
     const float * col(int64_t t) const { return data + t * stride; }
 };
 
-// Reads into reads[t + d n] and writes the state, as the plan says (plan[n] = 0: token writes;
+// Reads into reads[t + d stride] and writes the state, as the plan says (plan[n] = 0: token writes;
 // 1: every token reads the start state, then each write item writes the mean of its tokens), from
 // the tokens' terms [n][n_terms D] (scan_kernel::token_terms of each column of p).
 void scan(scan_kernel & kr, const projections & p, int64_t n, const float * terms, const float * gate_bias,
-          bool has_lambda, const int32_t * plan, float * reads, std::vector<float> & scratch) {
+          bool has_lambda, const int32_t * plan, float * reads, int64_t stride, std::vector<float> & scratch) {
     const int32_t D = kr.D;
     const size_t block = static_cast<size_t>(scan_kernel::n_terms) * D;
     if (plan[n] == 0) {
         for (int64_t t = 0; t < n; ++t) {
             const scan_kernel::terms tt(terms + t * block, D);
-            kr.read(tt.qn, reads + t, n);
+            kr.read(tt.qn, reads + t, stride);
             kr.write(tt, p.col(t) + 2 * D);
         }
         return;
     }
-    for (int64_t t = 0; t < n; ++t) kr.read(scan_kernel::terms(terms + t * block, D).qn, reads + t, n);
+    for (int64_t t = 0; t < n; ++t) kr.read(scan_kernel::terms(terms + t * block, D).qn, reads + t, stride);
     int32_t n_items = 0;
     for (int64_t t = 0; t < n; ++t) n_items = std::max(n_items, plan[t] + 1);
     // The mean of the projections is the projection of the mean x (they are linear).
@@ -287,7 +287,7 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     if (ith == 0) {   // the recurrence is sequential and tiny: one thread does it, the others go on to the rows
         while (op.arrived.load(std::memory_order_acquire) < nth) cpu_relax();
         if (w_in) compute_terms(0, n);
-        scan(kr, p, n, terms, gate_bias, has_lambda, static_cast<const int32_t *>(dst->src[3]->data), reads,
+        scan(kr, p, n, terms, gate_bias, has_lambda, static_cast<const int32_t *>(dst->src[3]->data), reads, n,
              op.scratch);
         op.reads_ready.store(true, std::memory_order_release);
     }
@@ -324,6 +324,48 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
         op.arrived.store(0, std::memory_order_relaxed);
         op.next_chunk.store(0, std::memory_order_relaxed);
         op.reads_ready.store(false, std::memory_order_relaxed);
+        op.finished.store(0, std::memory_order_relaxed);
+    }
+}
+
+dm_scan_batch_op::dm_scan_batch_op(const dm_dmem_config & c) : cfg(&c), scratch(GGML_MAX_N_THREADS) {}
+
+int64_t dm_scan_batch_size(int64_t n_tokens, int64_t D) { return n_tokens * (D + scan_kernel::n_terms * D); }
+
+void dm_scan_batch_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    auto & op = *static_cast<dm_scan_batch_op *>(userdata);
+    const dm_dmem_config & cfg = *op.cfg;
+    const ggml_tensor * in = dst->src[0];
+    const int64_t T = in->ne[1], D = cfg.width();
+    const size_t block = static_cast<size_t>(scan_kernel::n_terms) * D;
+    float * reads = static_cast<float *>(dst->data);   // [T, D]
+    float * terms = reads + T * D;                     // [T][n_terms D]
+    const projections p{column(in, 0), in->ne[0], static_cast<int64_t>(in->nb[1] / sizeof(float))};
+    const float * gate_bias = static_cast<const float *>(dst->src[1]->data);
+    const bool has_lambda = dst->src[1]->ne[0] == 2 * cfg.gate_width;
+    // 1. Every token's terms (they depend on its projections only), an equal share each.
+    const scan_kernel terms_of(cfg, nullptr);
+    for (int64_t t = T * ith / nth; t < T * (ith + 1) / nth; ++t) {
+        terms_of.token_terms(p.col(t), gate_bias, has_lambda, terms + t * block);
+    }
+    op.arrived.fetch_add(1, std::memory_order_acq_rel);
+    while (op.arrived.load(std::memory_order_acquire) < nth) cpu_relax();
+    // 2. The sequences' recurrences, one sequence at a time per thread.
+    const auto * plans = static_cast<const int32_t *>(dst->src[2]->data);
+    const auto * table = static_cast<const int32_t *>(dst->src[3]->data);   // [2, n_seqs]: n_tokens, n_past
+    const int64_t n_seqs = dst->src[3]->ne[1];
+    std::vector<int64_t> first(static_cast<size_t>(n_seqs) + 1, 0);
+    for (int64_t i = 0; i < n_seqs; ++i) first[static_cast<size_t>(i) + 1] = first[static_cast<size_t>(i)] + table[2 * i];
+    for (int32_t i; (i = op.next_seq.fetch_add(1, std::memory_order_relaxed)) < n_seqs;) {
+        const int64_t t0 = first[static_cast<size_t>(i)], n = table[2 * i];
+        scan_kernel kr(cfg, static_cast<float *>(op.states[static_cast<size_t>(i)]->data));
+        const projections ps{p.col(t0), p.rows, p.stride};
+        scan(kr, ps, n, terms + t0 * block, gate_bias, has_lambda, plans + t0 + i, reads + t0, T,
+             op.scratch[static_cast<size_t>(ith)]);
+    }
+    if (op.finished.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {   // the last thread out resets
+        op.arrived.store(0, std::memory_order_relaxed);
+        op.next_seq.store(0, std::memory_order_relaxed);
         op.finished.store(0, std::memory_order_relaxed);
     }
 }

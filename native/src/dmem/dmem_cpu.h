@@ -46,6 +46,28 @@ struct dm_memory_op {
 void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 int64_t dm_memory_op_size(int64_t n_tokens, int64_t D, int64_t rows, int64_t projection_rows);
 
+// Userdata of a batched pass's scan op on one layer: its sequences' states.
+struct dm_scan_batch_op {
+    const dm_dmem_config *          cfg = nullptr;
+    std::vector<ggml_tensor *>      states;    // per sequence [r, r, H], updated in place
+    std::vector<std::vector<float>> scratch;   // per thread: the terms of a mean write
+    alignas(64) std::atomic<int32_t> arrived{0};    // threads done with the tokens' terms
+    alignas(64) std::atomic<int32_t> next_seq{0};   // sequences handed out
+    alignas(64) std::atomic<int32_t> finished{0};
+
+    explicit dm_scan_batch_op(const dm_dmem_config & c);
+};
+
+// The memory scans of every sequence of a batched pass on one layer, in one op: the threads
+// compute the tokens' terms together, then take the sequences' recurrences one each. Sources:
+//   [0] the batch's projections [3D + G (+ G), T] (gate biases not added)   [1] the gate biases
+//   [2] the sequences' plans one after another, n_tokens + 1 each (dm_dmem_plan::codes)
+//   [3] [2, n_seqs] i32: each sequence's n_tokens (and n_past, unused)
+// dst, one dimension: the reads [T, D] (o transposed, as the corrections take them), then room for
+// the tokens' terms: dm_scan_batch_size floats.
+void dm_scan_batch_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
+int64_t dm_scan_batch_size(int64_t n_tokens, int64_t D);
+
 // dst [rows, m] = y + W_Δ o (+ residual), from the sources y [rows, m], W_Δᵀ [rows, D], the reads
 // [n, D] of which y has the last m tokens, and the residual [rows, m] or null. dst may be y itself.
 void dm_correct_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);

@@ -42,16 +42,20 @@ void dm_dmem_builder::make_inputs() {
     }
 }
 
+std::vector<int32_t> dm_dmem_plan::codes(int32_t n_tokens) const {
+    std::vector<int32_t> c(static_cast<size_t>(n_tokens) + 1, interleaved ? 0 : -1);
+    c[static_cast<size_t>(n_tokens)] = interleaved ? 0 : 1;
+    for (size_t k = 0; k < items.size(); ++k) {
+        for (int32_t t : items[k]) c[static_cast<size_t>(t)] = static_cast<int32_t>(k);
+    }
+    return c;
+}
+
 void dm_dmem_builder::set_inputs(const dm_dmem_plan & call_plan) const {
-    // plan[t] = index of the write item token t belongs to (-1: none); plan[n_tokens] = mode.
-    std::vector<int32_t> codes(static_cast<size_t>(n_tokens) + 1, call_plan.interleaved ? 0 : -1);
-    codes[n_tokens] = call_plan.interleaved ? 0 : 1;
+    const std::vector<int32_t> codes = call_plan.codes(n_tokens);
     std::vector<float> avg(in.avg ? static_cast<size_t>(n_tokens) * call_plan.items.size() : 0, 0.0f);
-    for (size_t k = 0; k < call_plan.items.size(); ++k) {
-        for (int32_t t : call_plan.items[k]) {
-            codes[t] = static_cast<int32_t>(k);
-            if (in.avg) avg[k * n_tokens + t] = 1.0f / static_cast<float>(call_plan.items[k].size());
-        }
+    for (size_t k = 0; in.avg && k < call_plan.items.size(); ++k) {
+        for (int32_t t : call_plan.items[k]) avg[k * n_tokens + t] = 1.0f / static_cast<float>(call_plan.items[k].size());
     }
     // An input no node reads (the plan in device scans, the weights in fused ones) gets no memory.
     if (in.plan->buffer) ggml_backend_tensor_set(in.plan, codes.data(), 0, ggml_nbytes(in.plan));
@@ -269,6 +273,20 @@ ggml_tensor * dm_dmem_builder::scan_projected(const dm_dmem_layer & l, ggml_tens
     ggml_tensor * args[] = {packed, l.b_in, state, in.plan, nullptr, nullptr, nullptr, nullptr, nullptr};
     ggml_tensor * out = memory_op(args, dm_memory_op_size(n_tokens, adapter.cfg.width(), 0, 0));
     return ggml_view_2d(ctx, out, n_tokens, adapter.cfg.width(), n_tokens * sizeof(float), 0);   // [n_tokens, D]
+}
+
+ggml_tensor * dm_dmem_builder::scan_batch(const dm_dmem_layer & l, const std::vector<ggml_tensor *> & states,
+                                          ggml_tensor * packed, ggml_tensor * plans, ggml_tensor * seqs) {
+    if (!fused(l)) return nullptr;
+    auto scan_op = std::make_shared<dm_scan_batch_op>(adapter.cfg);
+    scan_op->states = states;
+    ggml_tensor * args[] = {packed, l.b_in, plans, seqs};
+    const int64_t T = packed->ne[1], D = adapter.cfg.width();
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, dm_scan_batch_size(T, D), 1, 1, 1, args, 4, dm_scan_batch_cpu,
+                                       GGML_N_TASKS_MAX, scan_op.get());
+    scan_ops.push_back(std::move(scan_op));
+    ggml_build_forward_expand(gf, out);   // it writes the states
+    return ggml_view_2d(ctx, out, T, D, T * sizeof(float), 0);   // [T, D]
 }
 
 dm_dmem_builder::layer_pass dm_dmem_builder::fused_pass(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,

@@ -11,6 +11,7 @@
 #include <vector>
 
 struct dm_memory_op;
+struct dm_scan_batch_op;
 
 // What the memory does during one pass, decided per call on the host.
 struct dm_dmem_plan {
@@ -23,6 +24,10 @@ struct dm_dmem_plan {
     // One write per segment id >= 0 (in increasing id order) for a mean granularity given ids with
     // some id >= 0; token writes otherwise (no ids, or all -1), as the official runtime does.
     static dm_dmem_plan make(const dm_dmem_config & cfg, const int32_t * ids, int32_t n_tokens, bool write);
+
+    // The plan as the ops read it: [n_tokens + 1], the write item of each token (-1: none), then
+    // the mode (0: token writes, 1: read, then the items write).
+    std::vector<int32_t> codes(int32_t n_tokens) const;
 
     // Plans with the same shape build the same graph (only the plan inputs differ).
     bool same_shape(const dm_dmem_plan & o) const { return interleaved == o.interleaved && items.size() == o.items.size(); }
@@ -57,6 +62,7 @@ struct dm_dmem_builder {
     bool                 fused_ops;   // CPU layers' memory as CPU custom ops (dmem_cpu); device ops otherwise
     dm_dmem_inputs       in;
     std::shared_ptr<dm_memory_op> op; // userdata of the fused memory ops (shared: an incomplete type here)
+    std::vector<std::shared_ptr<dm_scan_batch_op>> scan_ops;   // userdata of scan_batch's ops
 
     void make_inputs();
 
@@ -73,6 +79,12 @@ struct dm_dmem_builder {
     // of the batch's projections (w_in x over every token, gate biases not added): its reads
     // [n_tokens, D]. The corrections of the batch then take every sequence's reads at once.
     ggml_tensor * scan_projected(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * packed);
+    // Every sequence's scan of a batched pass in one CPU op, when layer l runs fused ops (else
+    // null: scan_projected per sequence): from the batch's packed projections [3D + G (+ G), T], the
+    // sequences' states, their plans one after another (dm_dmem_plan::codes) and the [2, n_seqs]
+    // table of their token counts; the reads [T, D].
+    ggml_tensor * scan_batch(const dm_dmem_layer & l, const std::vector<ggml_tensor *> & states, ggml_tensor * packed,
+                             ggml_tensor * plans, ggml_tensor * seqs);
     // The layer's packed weights this pass uses: f16 ones (when the adapter has them) for the
     // few-token passes of the fused ops, f32 otherwise.
     const dm_dmem_packed & weights(const dm_dmem_layer & l) const;

@@ -229,11 +229,17 @@ struct forward_builder {
         ggml_tensor * reads = nullptr;   // [T, D]
         if (dl) {
             ggml_tensor * packed = ggml_mul_mat(ctx, dl->f32.w_in, x);   // [3D + G (+ G), T]
-            int64_t first = 0;
-            for (dm_batch_seq & s : seqs) {
-                ggml_tensor * state = s.dmem->memory.state[model.adapter->slot_of_layer[il]];
-                reads = append(ctx, reads, s.dmem->scan_projected(*dl, state, columns(packed, 1, first, s.shape.n_tokens)), 0);
-                first += s.shape.n_tokens;
+            const int32_t slot = model.adapter->slot_of_layer[il];
+            std::vector<ggml_tensor *> states;
+            for (const dm_batch_seq & s : seqs) states.push_back(s.dmem->memory.state[slot]);
+            reads = seqs.front().dmem->scan_batch(*dl, states, packed, in.dmem_plans, in.seqs);
+            if (!reads) {   // device layers: a scan per sequence
+                int64_t first = 0;
+                for (size_t i = 0; i < seqs.size(); ++i) {
+                    const int64_t n = seqs[i].shape.n_tokens;
+                    reads = append(ctx, reads, seqs[i].dmem->scan_projected(*dl, states[i], columns(packed, 1, first, n)), 0);
+                    first += n;
+                }
             }
         }
         const qkv t = project(il, x, nullptr, reads);
@@ -271,6 +277,10 @@ struct forward_builder {
         ggml_set_input(in.pos);
         in.seqs = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 2, static_cast<int64_t>(seqs.size()));
         ggml_set_input(in.seqs);
+        if (model.adapter) {
+            in.dmem_plans = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, shape.n_tokens + static_cast<int64_t>(seqs.size()));
+            ggml_set_input(in.dmem_plans);
+        }
         ggml_tensor * h = ggml_get_rows(ctx, model.tok_embd, in.tokens);   // [n_embd, T]
         for (int il = 0; il < hp.n_layer; ++il) {
             ggml_tensor * reads = nullptr;
@@ -283,6 +293,7 @@ struct forward_builder {
         g.tokens = in.tokens;
         g.pos = in.pos;
         g.seqs = in.seqs;
+        g.dmem_plans = in.dmem_plans;
         g.attention_ops = std::move(attention_ops);
         if (n_out > 0) {
             g.out_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_out);

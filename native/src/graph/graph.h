@@ -18,7 +18,8 @@ struct dm_graph_inputs {
     ggml_tensor * pos    = nullptr;   // [n_tokens] i32, absolute positions
     ggml_tensor * mask   = nullptr;   // [n_kv, n_tokens] f16, 0 or -inf (causal, and cells not yet written)
     ggml_tensor * kv_idx = nullptr;   // [n_tokens] i64, the cache cells this pass writes
-    ggml_tensor * seqs   = nullptr;   // [2, 1] i32: n_tokens, n_past (the CPU attention op's)
+    ggml_tensor * seqs   = nullptr;   // [2, n_seqs] i32: n_tokens, n_past (the CPU ops')
+    ggml_tensor * dmem_plans = nullptr;   // batched passes: [T + n_seqs] i32, every sequence's δ-mem plan codes
 };
 
 // What decides a graph's topology. Positions are inputs, and the attended cache length is padded,
@@ -67,7 +68,8 @@ struct dm_batch_graph {
     ggml_tensor *    pos = nullptr;       // [T] i32
     ggml_tensor *    out_idx = nullptr;   // [n_outputs] i32: the token columns whose logits are wanted
     ggml_tensor *    logits = nullptr;    // [n_vocab, n_outputs] or null
-    ggml_tensor *    seqs = nullptr;      // [2, n_seqs] i32: each sequence's n_tokens, n_past (the CPU attention op's)
+    ggml_tensor *    seqs = nullptr;      // [2, n_seqs] i32: each sequence's n_tokens, n_past (the CPU ops')
+    ggml_tensor *    dmem_plans = nullptr;   // [T + n_seqs] i32: the sequences' δ-mem plan codes, or null
     dm_attention_ops attention_ops;
 };
 
