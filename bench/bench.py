@@ -554,6 +554,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"with --server: turns of each client's conversation (default {DEFAULT_TURNS})")
     parser.add_argument("--server-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"with --server: max_tokens of each reply (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--server-natural-replies", action="store_true",
+                        help="with --server: replies end where the model ends them (default: the end tokens are "
+                             "banned with logit_bias, so every reply is --server-max-tokens long on every server)")
     parser.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     from pydeltamem.cli_devices import add_device_options
 
@@ -624,7 +627,8 @@ def run_cli(args: argparse.Namespace) -> int:
             raise ValueError("--turns and --server-max-tokens take positive numbers")
         report = run_server_bench(args.model or ["smollm2"], _counts(args.clients, "--clients", "client"), threads[0],
                                   args.runs, args.turns, args.server_max_tokens, llamacpp, dmem=not args.no_dmem,
-                                  n_ctx=args.n_ctx, timeout=args.timeout, log=log)
+                                  n_ctx=args.n_ctx, timeout=args.timeout, log=log,
+                                  fixed_length=not args.server_natural_replies)
         print(format_server_table(report))
         _write_json(report, args.json, log)
         return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .bench import DMEM, OURS, _fmt, _median, machine_info, resolve_model
-from .server_load import HOST, run_load, summarize_load, token_counter
+from .server_load import HOST, end_token_bias, run_load, summarize_load, token_counter
 
 READY_TIMEOUT_S = 300.0   # a server's start: interpreter, imports, model load
 STOP_TIMEOUT_S = 10.0
@@ -158,7 +158,7 @@ def llamacpp_contender(name: str, python: str, model: str, threads: int, n_ctx: 
 
 
 def measure(contender: dict, clients: int, turns: int, max_tokens: int, timeout: float,
-            count_tokens: Callable[[str], int]) -> dict:
+            count_tokens: Callable[[str], int], logit_bias: dict[str, float] | None = None) -> dict:
     """One fresh server of `contender` under the load: summarize_load's figures and ready_s, or
     {"error": ...} with the tail of the server's log."""
     with tempfile.TemporaryDirectory(prefix="deltamem-bench-server-") as tmp:
@@ -166,7 +166,7 @@ def measure(contender: dict, clients: int, turns: int, max_tokens: int, timeout:
         try:
             with serving(contender["command"](port, clients, workdir), port, contender["ready"], contender["env"],
                          workdir) as ready_s:
-                replies = run_load(port, clients, turns, max_tokens, timeout)
+                replies = run_load(port, clients, turns, max_tokens, timeout, logit_bias=logit_bias)
         except ServerError as e:
             return {"error": str(e)}
         summary = summarize_load(replies, count_tokens)
@@ -200,7 +200,10 @@ def summarize_rounds(runs: dict[str, list[dict]]) -> dict:
 
 
 def run_server_bench(models: list[str], clients: list[int], threads: int, rounds: int, turns: int, max_tokens: int,
-                     llamacpp: list[tuple[str, str]], dmem: bool, n_ctx: int | None, timeout: float, log) -> dict:
+                     llamacpp: list[tuple[str, str]], dmem: bool, n_ctx: int | None, timeout: float, log,
+                     fixed_length: bool = True) -> dict:
+    """fixed_length: every reply max_tokens long (end_token_bias), so that tokens/s compares the
+    servers on the same work; False lets each reply end where its model (and adapter) ends it."""
     from . import make_models
 
     n_ctx = n_ctx or SERVER_N_CTX
@@ -208,12 +211,13 @@ def run_server_bench(models: list[str], clients: list[int], threads: int, rounds
         ensure_llamacpp_server(python, log)
     report: dict = {"machine": machine_info(), "params": {
         "clients": clients, "threads": threads, "rounds": rounds, "turns": turns, "max_tokens": max_tokens,
-        "n_ctx": n_ctx, "llamacpp": [{"label": lbl, "python": py} for lbl, py in llamacpp]}, "results": []}
+        "fixed_length": fixed_length, "n_ctx": n_ctx, "llamacpp": [{"label": lbl, "python": py} for lbl, py in llamacpp]}, "results": []}
     t_start = time.time()
     for model_name in models:
         label, path = resolve_model(model_name, log)
         adapter = str(make_models.adapter_for(path)) if dmem else None
         count_tokens = token_counter(path)
+        bias = end_token_bias(path) if fixed_length else None
         contenders = ([ours_contender(DMEM, path, adapter, threads, n_ctx)] if adapter else []) + \
             [ours_contender(OURS, path, None, threads, n_ctx)] + \
             [llamacpp_contender(lbl, py, path, threads, n_ctx) for lbl, py in llamacpp]
@@ -222,7 +226,7 @@ def run_server_bench(models: list[str], clients: list[int], threads: int, rounds
             for i in range(rounds):
                 k = i % len(contenders)
                 for c in contenders[k:] + contenders[:k]:
-                    res = measure(c, n, turns, max_tokens, timeout, count_tokens)
+                    res = measure(c, n, turns, max_tokens, timeout, count_tokens, bias)
                     runs[c["name"]].append(res)
                     log(f"[bench] {label} clients={n} round {i + 1}/{rounds} {c['name']:>14}: " +
                         (f"ERROR {res['error']}" if "error" in res else
@@ -238,8 +242,10 @@ def run_server_bench(models: list[str], clients: list[int], threads: int, rounds
 def format_server_table(report: dict) -> str:
     p = report["params"]
     titles = " | ".join(title for title, _ in METRICS.values())
-    lines = [f"Chat serving over loopback: N clients at once, {p['turns']} streamed turns each (temperature 0, at "
-             f"most {p['max_tokens']} tokens a reply), {p['threads']} threads, medians of {p['rounds']} rounds:", "",
+    length = (f"{p['max_tokens']} tokens a reply, the end tokens banned" if p.get("fixed_length")
+              else f"at most {p['max_tokens']} tokens a reply")
+    lines = [f"Chat serving over loopback: N clients at once, {p['turns']} streamed turns each (temperature 0, "
+             f"{length}), {p['threads']} threads, medians of {p['rounds']} rounds:", "",
              f"| model | clients | server | {titles} | tokens/reply | rounds |",
              "|---|---:|---|" + "---:|" * (len(METRICS) + 2)]
     for res in report["results"]:

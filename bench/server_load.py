@@ -71,9 +71,13 @@ def _read_stream(resp: http.client.HTTPResponse, start: float) -> Reply:
     return Reply(start, first, time.perf_counter(), "".join(parts), "the stream ended without data: [DONE]")
 
 
-def stream_chat(port: int, messages: list[dict], session: str, max_tokens: int, timeout: float) -> Reply:
+def stream_chat(port: int, messages: list[dict], session: str, max_tokens: int, timeout: float,
+                logit_bias: dict[str, float] | None = None) -> Reply:
     """One streamed chat completion, timed from just before the request is sent."""
-    body = json.dumps({"messages": messages, "stream": True, "temperature": 0, "max_tokens": max_tokens})
+    request = {"messages": messages, "stream": True, "temperature": 0, "max_tokens": max_tokens}
+    if logit_bias:
+        request["logit_bias"] = logit_bias
+    body = json.dumps(request)
     headers = {"Content-Type": "application/json", "X-Session-Id": session}
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     start = time.perf_counter()
@@ -90,13 +94,14 @@ def stream_chat(port: int, messages: list[dict], session: str, max_tokens: int, 
         conn.close()
 
 
-def converse(port: int, client: int, turns: int, max_tokens: int, timeout: float) -> list[Reply]:
+def converse(port: int, client: int, turns: int, max_tokens: int, timeout: float,
+             logit_bias: dict[str, float] | None = None) -> list[Reply]:
     """Client `client`'s conversation, in its own session; it stops at the first failed turn."""
     messages = [{"role": "system", "content": SYSTEM}]
     replies = []
     for question in user_messages(client, turns):
         messages.append({"role": "user", "content": question})
-        reply = stream_chat(port, messages, f"bench-{client}", max_tokens, timeout)
+        reply = stream_chat(port, messages, f"bench-{client}", max_tokens, timeout, logit_bias)
         replies.append(reply)
         if reply.error:
             break
@@ -104,19 +109,21 @@ def converse(port: int, client: int, turns: int, max_tokens: int, timeout: float
     return replies
 
 
-def run_load(port: int, clients: int, turns: int, max_tokens: int, timeout: float, warmup: bool = True) -> list[Reply]:
+def run_load(port: int, clients: int, turns: int, max_tokens: int, timeout: float, warmup: bool = True,
+             logit_bias: dict[str, float] | None = None) -> list[Reply]:
     """Every client's replies, the clients running at once. The warm-up request (a session of its
-    own, not timed) takes what a server does on its first request out of the measure."""
+    own, not timed) takes what a server does on its first request out of the measure. logit_bias
+    goes with every request (end_token_bias: replies of max_tokens tokens)."""
     if warmup:
         reply = stream_chat(port, [{"role": "system", "content": SYSTEM},
                                    {"role": "user", "content": user_messages(0, 1)[0]}],
-                            "bench-warmup", max_tokens, timeout)
+                            "bench-warmup", max_tokens, timeout, logit_bias)
         if reply.error:
             return [replace(reply, error=f"warm-up: {reply.error}")]
     results: list[list[Reply]] = [[] for _ in range(clients)]
 
     def client(i: int) -> None:
-        results[i] = converse(port, i, turns, max_tokens, timeout)
+        results[i] = converse(port, i, turns, max_tokens, timeout, logit_bias)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -161,6 +168,16 @@ def token_counter(gguf: str) -> Callable[[str], int]:
     return lambda text: len(model.tokenize(text, add_special=False))
 
 
+def end_token_bias(gguf: str) -> dict[str, float]:
+    """OpenAI's strongest logit_bias (-100) on the tokens that end a reply of `gguf`'s model: with it
+    every reply runs to max_tokens, so servers compare on the same number of tokens, however long
+    the model (or its δ-mem adapter) would have answered."""
+    import pydeltamem
+
+    with pydeltamem.Model(gguf, n_ctx=256) as model:
+        return {str(t): -100.0 for t in model.end_of_turn_tokens}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="drive a running OpenAI-compatible chat server")
     parser.add_argument("--port", type=int, required=True)
@@ -169,8 +186,11 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=DEFAULT_TURNS)
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
+    parser.add_argument("--natural-replies", action="store_true",
+                        help="let replies end where the model ends them (default: every reply max_tokens long)")
     args = parser.parse_args()
-    replies = run_load(args.port, args.clients, args.turns, args.max_tokens, args.timeout)
+    bias = None if args.natural_replies else end_token_bias(args.model)
+    replies = run_load(args.port, args.clients, args.turns, args.max_tokens, args.timeout, logit_bias=bias)
     print(json.dumps(summarize_load(replies, token_counter(args.model)), indent=1))
 
 

@@ -204,6 +204,16 @@ def test_sessionless_chat_equals_the_library(server, library):
     lone.close()
 
 
+
+def test_banned_end_tokens_give_replies_of_max_tokens(server):
+    """`deltamem bench --server`'s fixed-length replies: OpenAI's logit_bias, -100 on the end tokens."""
+    from pydeltamem.bench.server_load import end_token_bias
+
+    messages = [user("Say hi.")]
+    assert chat(server, messages, max_tokens=40)["choices"][0]["finish_reason"] == "stop"   # it would end early
+    out = chat(server, messages, max_tokens=40, logit_bias=end_token_bias(smollm2_gguf()))
+    assert out["usage"]["completion_tokens"] == 40 and out["choices"][0]["finish_reason"] == "length"
+
 def test_tokenize_detokenize_and_metrics(server, library):
     status, _, data = request(server, "POST", "/tokenize", {"content": "Hello world"})
     tokens = json.loads(data)["tokens"]
