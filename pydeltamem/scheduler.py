@@ -155,7 +155,7 @@ class BatchScheduler:
 
         tokens = _token_list(tokens)
         self._check_prompt(context, tokens, seg_ids)
-        greedy = _core.Sampler(**SamplingParams(temperature=0.0).native())   # never asked: nothing is sampled
+        greedy = new_sampler(SamplingParams(temperature=0.0))   # never asked: nothing is sampled
         gen = _core.Generator(context._native, greedy, 0, [], [], write=bool(write))
         req = self._enqueue(BatchRequest(self, context, False, tokens, _effective_ids(seg_ids), gen), self._feeding)
         if req.result().finish == "cancelled":

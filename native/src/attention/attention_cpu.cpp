@@ -1,5 +1,6 @@
 #include "attention/attention_cpu.h"
 
+#include "common/spin.h"
 #include "common/vec.h"
 
 #include <ggml-cpu.h>
@@ -13,12 +14,6 @@ namespace {
 
 constexpr int64_t k_block = 64;         // cache cells whose keys and values are made f32 once for all an item's queries
 constexpr int64_t k_token_chunk = 16;   // a prompt's tokens per work item (the split changes no result)
-
-inline void dm_cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 
 // One sequence's share of the pass.
 struct seq_pass {

@@ -124,19 +124,6 @@ DM_AVX2 void mad_rows_avx2(float * y, const float * a, int64_t a_stride, const T
     }
 }
 
-DM_AVX2 float dot_row_avx2(const float * w, const float * x, int64_t n) {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc[0]);
-        acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc[1]);
-    }
-    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc[0]);
-    float sum = hsum(_mm256_add_ps(acc[0], acc[1]));
-    for (; i < n; ++i) sum += w[i] * x[i];
-    return sum;
-}
-
 // Four rows at a time: x is loaded once for the four, and their sums reduce together.
 DM_AVX2 void dots_avx2(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale,
                        float * out) {
@@ -158,7 +145,7 @@ DM_AVX2 void dots_avx2(const float * rows, int64_t row_stride, int64_t m, const 
             out[c + r] = scale * sums[r];
         }
     }
-    for (; c < m; ++c) out[c] = scale * dot_row_avx2(rows + c * row_stride, x, n);
+    for (; c < m; ++c) out[c] = scale * dot_avx2(rows + c * row_stride, x, n);
 }
 
 DM_AVX2 void f16_to_f32_avx2(const ggml_fp16_t * src, float * dst, int64_t n) {

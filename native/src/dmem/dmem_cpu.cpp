@@ -1,5 +1,6 @@
 #include "dmem/dmem_cpu.h"
 
+#include "common/spin.h"
 #include "common/vec.h"
 
 #include <ggml-cpu.h>
@@ -8,19 +9,7 @@
 #include <cmath>
 #include <cstddef>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 namespace {
-
-void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -285,13 +274,13 @@ void dm_memory_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
     op.arrived.fetch_add(1, std::memory_order_acq_rel);
     if (ith == 0) {   // the recurrence is sequential and tiny: one thread does it, the others go on to the rows
-        while (op.arrived.load(std::memory_order_acquire) < nth) cpu_relax();
+        while (op.arrived.load(std::memory_order_acquire) < nth) dm_cpu_relax();
         if (w_in) compute_terms(0, n);
         scan(kr, p, n, terms, gate_bias, has_lambda, static_cast<const int32_t *>(dst->src[3]->data), reads, n,
              op.scratch);
         op.reads_ready.store(true, std::memory_order_release);
     }
-    auto wait_for_reads = [&] { while (!op.reads_ready.load(std::memory_order_acquire)) cpu_relax(); };
+    auto wait_for_reads = [&] { while (!op.reads_ready.load(std::memory_order_acquire)) dm_cpu_relax(); };
     if (rows > 0 && !w) {   // copying y is no work worth starting before the reads: an equal share each
         wait_for_reads();
         const row_range r(rows, ith, nth);
@@ -349,7 +338,7 @@ void dm_scan_batch_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
         terms_of.token_terms(p.col(t), gate_bias, has_lambda, terms + t * block);
     }
     op.arrived.fetch_add(1, std::memory_order_acq_rel);
-    while (op.arrived.load(std::memory_order_acquire) < nth) cpu_relax();
+    while (op.arrived.load(std::memory_order_acquire) < nth) dm_cpu_relax();
     // 2. The sequences' recurrences, one sequence at a time per thread.
     const auto * plans = static_cast<const int32_t *>(dst->src[2]->data);
     const auto * table = static_cast<const int32_t *>(dst->src[3]->data);   // [2, n_seqs]: n_tokens, n_past
