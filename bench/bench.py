@@ -637,7 +637,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
         ns = _counts(args.parallel, "--parallel", "sequence")
         report = run_parallel(args.model or ["smollm2"], ns, threads[0], args.runs, args.pp, args.tg, llamacpp,
-                              dmem=not args.no_dmem, timeout=args.timeout, log=log)
+                              dmem=not args.no_dmem, timeout=args.timeout, log=log,
+                              others=_parse_others(args.ours_python))
         print(format_parallel_table(report))
         _write_json(report, args.json, log)
         return 0

@@ -40,11 +40,14 @@ def ours_parallel_worker(spec: dict) -> dict:
 
 
 def run_parallel(models: list[str], ns: list[int], threads: int, runs: int, pp: int, tg: int,
-                 llamacpp: list[tuple[str, str]], dmem: bool, timeout: float, log, seed: int = 1234) -> dict:
+                 llamacpp: list[tuple[str, str]], dmem: bool, timeout: float, log, seed: int = 1234,
+                 others: list[tuple[str, str]] = ()) -> dict:
+    """others: (label, python) of other installs of this engine (--ours-python), run bare and with δ-mem."""
     from . import make_models
     from .bench import LLAMACPP_PARALLEL_WORKER, bench_tokens, gguf_n_vocab, resolve_model, spawn
 
-    report: dict = {"params": {"parallel": ns, "threads": threads, "runs": runs, "pp": pp, "tg": tg}, "results": []}
+    report: dict = {"params": {"parallel": ns, "threads": threads, "runs": runs, "pp": pp, "tg": tg,
+                               "llamacpp": [lbl for lbl, _ in llamacpp]}, "results": []}
     for model_name in models:
         label, path = resolve_model(model_name, log)
         adapter = str(make_models.adapter_for(path)) if dmem else None
@@ -52,6 +55,10 @@ def run_parallel(models: list[str], ns: list[int], threads: int, runs: int, pp: 
         contenders = [{"name": OURS, "kind": "ours"}]
         if adapter:
             contenders.append({"name": DMEM, "kind": "ours", "spec": {"adapter": adapter}})
+        for lbl, py in others:
+            contenders.append({"name": lbl, "kind": "ours", "python": py})
+            if adapter:
+                contenders.append({"name": f"{lbl}+dmem", "kind": "ours", "python": py, "spec": {"adapter": adapter}})
         for lbl, py in llamacpp:
             contenders.append({"name": lbl, "kind": "llamacpp", "python": py, "worker": LLAMACPP_PARALLEL_WORKER})
         for n in ns:
@@ -79,20 +86,22 @@ def format_parallel_table(report: dict) -> str:
     names: list[str] = []
     for res in report["results"]:
         names += [k for k in res["tg_tps_median"] if k not in names]
+    llamas = [k for k in p.get("llamacpp", []) if k in names] or ["llama.cpp"]
     lines = [f"Aggregate tg t/s of N sequences (prompt {p['pp']}, {p['tg']} generated each, {p['threads']} threads, "
              f"medians of {p['runs']} runs):", "",
-             "| model | N | " + " | ".join(names) + " | ours+dmem / ours | ours+dmem / llama.cpp | ours+dmem vs N=1 |",
-             "|---|---:|" + "---:|" * (len(names) + 3)]
+             "| model | N | " + " | ".join(names) + " | ours+dmem / ours | "
+             + " | ".join(f"ours+dmem / {k}" for k in llamas) + " | ours+dmem vs N=1 |",
+             "|---|---:|" + "---:|" * (len(names) + len(llamas) + 2)]
     base: dict[str, float] = {}
+
+    def ratio(a, b):
+        return f"{a / b:.3f}" if a and b else "-"
     for res in report["results"]:
         m = res["tg_tps_median"]
         if res["n"] == 1:
             base[res["model"]] = m.get(DMEM) or m.get(OURS)
-        llama = next((v for k, v in m.items() if k not in (OURS, DMEM)), None)
         mine = m.get(DMEM) or m.get(OURS)
-
-        def ratio(a, b):
-            return f"{a / b:.3f}" if a and b else "-"
         lines.append(f"| {res['model']} | {res['n']} | " + " | ".join(f"{m.get(k):.1f}" if m.get(k) else "-" for k in names)
-                     + f" | {ratio(m.get(DMEM), m.get(OURS))} | {ratio(mine, llama)} | {ratio(mine, base.get(res['model']))} |")
+                     + f" | {ratio(m.get(DMEM), m.get(OURS))} | " + " | ".join(ratio(mine, m.get(k)) for k in llamas)
+                     + f" | {ratio(mine, base.get(res['model']))} |")
     return "\n".join(lines)

@@ -351,6 +351,21 @@ bool         dm_quant_requires_imatrix(int32_t type);  // ggml refuses to quanti
 int64_t dm_quantize_rows(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row, void * dst,
                          size_t dst_size, int32_t n_threads);
 
+// ---- quantised mat-mul (native/src/matmul) -----------------------------------------------------
+// The CPU kernel the engine runs for q4_0, q4_1 and q8_0 weights, for tests and other languages.
+
+// "avx512-vnni", "avx2", or NULL where this CPU (or DELTAMEM_NO_QMATMUL / DELTAMEM_NO_AVX2 in the
+// environment) leaves those weights to ggml's mul_mat. DELTAMEM_NO_AVX512=1 keeps to "avx2".
+const char * dm_quant_matmul_kernel(void);
+
+// y [n, rows] = x [n, n_per_row] · Wᵀ (row-major) for W [rows, n_per_row] of `type` as
+// dm_quantize_rows writes it (w_size bytes), computed as the engine's kernel computes it: each
+// column of x quantised to 8-bit blocks of 32, integer block products. Returns 0, or -1 with
+// dm_last_error(): no kernel (above) or a type it does not take, a shape that does not fit the
+// blocks, a short buffer.
+int32_t dm_quant_matmul(int32_t type, const void * w, size_t w_size, int64_t rows, int64_t n_per_row, const float * x,
+                        int64_t n, float * y);
+
 #ifdef __cplusplus
 }
 #endif

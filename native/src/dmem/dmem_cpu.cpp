@@ -2,6 +2,7 @@
 
 #include "common/spin.h"
 #include "common/vec.h"
+#include "matmul/qmatmul.h"
 
 #include <ggml-cpu.h>
 
@@ -184,16 +185,24 @@ void scan(scan_kernel & kr, const projections & p, int64_t n, const float * term
     }
 }
 
-// The rows of the projection the op computes and corrects, [rows, n]: W x (+ bias) with ggml's own
-// vec_dot (the values ggml_mul_mat gives), then + W_Δ o.
+// The rows of the projection the op computes and corrects, [rows, n]: W x (+ bias) as the graph's
+// mat-mul computes it (the engine's kernel where it serves W, else ggml's vec_dot), then + W_Δ o.
 struct computed_rows {
     const ggml_tensor * x, * w, * bias, * w_delta;
     const float * reads;   // [n, D]
     float * out;           // [rows, n]
     int64_t rows, n;
 
-    // x in W's vec_dot type, once per call and thread, before the thread's first chunk.
+    bool own_kernel() const { return dm_qmatmul_serves(w, x); }
+
+    // x as the mat-mul reads it, once per call and thread, before the thread's first chunk.
     void convert_x(std::vector<char> & x_dot) const {
+        if (own_kernel()) {
+            const size_t col = dm_qact_bytes(x->ne[0]);
+            x_dot.resize(col * static_cast<size_t>(n));
+            for (int64_t t = 0; t < n; ++t) dm_qact_quantize(column(x, t), x->ne[0], x_dot.data() + t * col);
+            return;
+        }
         const ggml_type type = ggml_get_type_traits_cpu(w->type)->vec_dot_type;
         const size_t row = ggml_row_size(type, x->ne[0]);
         x_dot.resize(row * static_cast<size_t>(n));
@@ -202,18 +211,23 @@ struct computed_rows {
 
     // Rows [first, last) of W x (+ bias), before their correction.
     void compute(int64_t first, int64_t last, const std::vector<char> & x_dot) const {
-        const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
-        const size_t x_row = x_dot.size() / static_cast<size_t>(n);   // bytes of one token's converted x
+        if (own_kernel()) {
+            dm_qmatmul_rows(w->data, w->nb[1], w->type, x->ne[0], first, last, x_dot.data(), n, out, rows);
+        } else {
+            const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
+            const size_t x_row = x_dot.size() / static_cast<size_t>(n);   // bytes of one token's converted x
+            for (int64_t t = 0; t < n; ++t) {
+                const char * xt = x_dot.data() + static_cast<size_t>(t) * x_row;
+                for (int64_t i = first; i < last; ++i) {
+                    dot(static_cast<int>(x->ne[0]), out + t * rows + i, 0, static_cast<const char *>(w->data) + i * w->nb[1],
+                        0, xt, 0, 1);
+                }
+            }
+        }
+        if (!bias) return;
+        const float * b = static_cast<const float *>(bias->data);
         for (int64_t t = 0; t < n; ++t) {
-            float * dst = out + t * rows;
-            const char * xt = x_dot.data() + static_cast<size_t>(t) * x_row;
-            for (int64_t i = first; i < last; ++i) {
-                dot(static_cast<int>(x->ne[0]), dst + i, 0, static_cast<const char *>(w->data) + i * w->nb[1], 0, xt, 0, 1);
-            }
-            if (bias) {
-                const float * b = static_cast<const float *>(bias->data);
-                for (int64_t i = first; i < last; ++i) dst[i] += b[i];
-            }
+            for (int64_t i = first; i < last; ++i) out[t * rows + i] += b[i];
         }
     }
 

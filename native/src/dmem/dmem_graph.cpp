@@ -290,12 +290,12 @@ ggml_tensor * dm_dmem_builder::scan_batch(const dm_dmem_layer & l, const std::ve
 }
 
 dm_dmem_builder::layer_pass dm_dmem_builder::fused_pass(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
-                                                   const dm_linear & target, ggml_tensor * w_delta_t) {
+                                                   const dm_linear & target, ggml_tensor * w_delta_t, dm_matmuls & mm) {
     const int64_t D = adapter.cfg.width();
     const bool project_inside = n_tokens <= k_few_tokens && ggml_is_contiguous(x);
     ggml_tensor * w_in = weights(l).w_in;
     const bool own = op_computes(target, x);
-    ggml_tensor * y = target.w && !own ? target.apply(ctx, x) : nullptr;
+    ggml_tensor * y = target.w && !own ? target.apply(mm, x) : nullptr;
     // Few tokens: the op copies y's rows and adds Δq, sparing a node. Many: correct() adds Δq into y
     // in place after the op, sparing a copy of [rows, n_tokens] floats through the caches.
     const bool ride = y && ggml_is_contiguous(y) && n_tokens <= k_few_tokens;
@@ -316,11 +316,12 @@ dm_dmem_builder::layer_pass dm_dmem_builder::fused_pass(const dm_dmem_layer & l,
 }
 
 dm_dmem_builder::layer_pass dm_dmem_builder::read_and_write(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x,
-                                                            const dm_linear & target, ggml_tensor * w_delta_t) {
-    if (fused(l)) return fused_pass(l, state, x, target, w_delta_t);
+                                                            const dm_linear & target, ggml_tensor * w_delta_t,
+                                                            dm_matmuls & mm) {
+    if (fused(l)) return fused_pass(l, state, x, target, w_delta_t, mm);
     layer_pass r{};
     r.reads = device_scan(project(l, x), state);
-    if (target.w) r.corrected = correct(l, target.apply(ctx, x), w_delta_t, r.reads);
+    if (target.w) r.corrected = correct(l, target.apply(mm, x), w_delta_t, r.reads);
     return r;
 }
 

@@ -3,6 +3,7 @@
 
 #include "dmem/adapter.h"
 #include "dmem/memory.h"
+#include "matmul/matmul_graph.h"
 
 #include <ggml.h>
 
@@ -40,9 +41,9 @@ struct dm_linear {
     ggml_tensor * bias = nullptr;
     bool          plain = false;
 
-    ggml_tensor * apply(ggml_context * ctx, ggml_tensor * x) const {   // as graph nodes
-        ggml_tensor * y = ggml_mul_mat(ctx, w, x);
-        return bias ? ggml_add(ctx, y, bias) : y;
+    ggml_tensor * apply(dm_matmuls & mm, ggml_tensor * x) const {   // as graph nodes
+        ggml_tensor * y = mm.mul(w, x);
+        return bias ? ggml_add(mm.ctx, y, bias) : y;
     }
 };
 
@@ -74,7 +75,7 @@ struct dm_dmem_builder {
     // its RMSNorm) and updates its state. The target projection (w null: none) with its W_Δᵀ is
     // computed and corrected in the same op where the fused ops allow.
     layer_pass read_and_write(const dm_dmem_layer & layer, ggml_tensor * state, ggml_tensor * x,
-                              const dm_linear & target, ggml_tensor * w_delta_t);
+                              const dm_linear & target, ggml_tensor * w_delta_t, dm_matmuls & mm);
     // The same for one sequence of a batched pass, from its columns packed [3D + G (+ G), n_tokens]
     // of the batch's projections (w_in x over every token, gate biases not added): its reads
     // [n_tokens, D]. The corrections of the batch then take every sequence's reads at once.
@@ -129,6 +130,6 @@ private:
     ggml_tensor * device_scan(const projections & p, ggml_tensor * state);
     bool          op_computes(const dm_linear & target, ggml_tensor * x) const;
     layer_pass    fused_pass(const dm_dmem_layer & l, ggml_tensor * state, ggml_tensor * x, const dm_linear & target,
-                             ggml_tensor * w_delta_t);
+                             ggml_tensor * w_delta_t, dm_matmuls & mm);
 };
 

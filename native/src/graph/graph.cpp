@@ -21,13 +21,14 @@ struct forward_builder {
     dm_dmem_builder *      dmem;   // nullptr: no δ-mem in this pass
     dm_graph_inputs        in;
     dm_attention_ops       attention_ops;   // the CPU attention ops' userdata, handed to the graph
+    dm_matmuls             matmuls;         // the weight mat-muls (shared quantised inputs)
 
     ggml_tensor * rms_norm(ggml_tensor * x, ggml_tensor * weight) const {
         return ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), weight);
     }
 
-    ggml_tensor * linear(ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias) const {
-        return dm_linear{w, bias, false}.apply(ctx, x);
+    ggml_tensor * linear(ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias) {
+        return dm_linear{w, bias, false}.apply(matmuls, x);
     }
 
     // x: [head_dim, n_heads, n_tokens]
@@ -56,7 +57,7 @@ struct forward_builder {
     // q, k and v of layer il for n tokens of x, with their δ-mem corrections from the reads
     // [n, D] (none: null) and q already corrected when given; normalised and rotated.
     struct qkv { ggml_tensor * q, * k, * v; };   // [head_dim, n_head(_kv), n], v [n_embd_v_gqa, n]
-    qkv project(int il, ggml_tensor * x, ggml_tensor * q, ggml_tensor * reads) const {
+    qkv project(int il, ggml_tensor * x, ggml_tensor * q, ggml_tensor * reads) {
         const dm_layer & l = model.layers[il];
         const dm_dmem_layer * dl = reads ? dmem_layer(il) : nullptr;
         const dm_dmem_packed * dw = dl ? &dmem->weights(*dl) : nullptr;
@@ -121,7 +122,8 @@ struct forward_builder {
         if (dl) {   // q, when it is a delta head, comes corrected out of the memory op
             const dm_dmem_packed & dw = dmem->weights(*dl);
             const dm_linear wq = dw.dq_t ? dm_linear{l.wq, l.bq, l.wq->buffer != model.repacked.buf} : dm_linear{};
-            const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x, wq, dw.dq_t);
+            const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x, wq, dw.dq_t,
+                                                    matmuls);
             reads = pass.reads;
             q = pass.corrected;
         }
@@ -151,11 +153,11 @@ struct forward_builder {
         return w_delta_t ? dmem->correct(*dl, y, w_delta_t, reads) : y;
     }
 
-    ggml_tensor * feed_forward(int il, ggml_tensor * x) const {
+    ggml_tensor * feed_forward(int il, ggml_tensor * x) {
         const dm_layer & l = model.layers[il];
-        ggml_tensor * gate = ggml_mul_mat(ctx, l.ffn_gate, x);   // [n_ff, n_tokens]
-        ggml_tensor * up   = ggml_mul_mat(ctx, l.ffn_up, x);
-        return ggml_mul_mat(ctx, l.ffn_down, ggml_swiglu_split(ctx, gate, up));
+        ggml_tensor * gate = matmuls.mul(l.ffn_gate, x);   // [n_ff, n_tokens]
+        ggml_tensor * up   = matmuls.mul(l.ffn_up, x);
+        return matmuls.mul(l.ffn_down, ggml_swiglu_split(ctx, gate, up));
     }
 
     void make_inputs() {
@@ -200,7 +202,7 @@ struct forward_builder {
         g.in = in;
         g.attention_ops = std::move(attention_ops);
         if (shape.n_outputs > 0) {
-            g.logits = ggml_mul_mat(ctx, model.output, rms_norm(h, model.output_norm));   // [n_vocab, n_outputs]
+            g.logits = matmuls.mul(model.output, rms_norm(h, model.output_norm));   // [n_vocab, n_outputs]
             ggml_set_name(g.logits, "logits");
             ggml_set_output(g.logits);
             ggml_build_forward_expand(gf, g.logits);
@@ -299,7 +301,7 @@ struct forward_builder {
             g.out_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_out);
             ggml_set_input(g.out_idx);
             ggml_tensor * rows = ggml_get_rows(ctx, h, g.out_idx);   // [n_embd, n_out]
-            g.logits = ggml_mul_mat(ctx, model.output, rms_norm(rows, model.output_norm));   // [n_vocab, n_out]
+            g.logits = matmuls.mul(model.output, rms_norm(rows, model.output_norm));   // [n_vocab, n_out]
             ggml_set_output(g.logits);
             ggml_build_forward_expand(gf, g.logits);
         } else {
@@ -315,7 +317,7 @@ dm_batch_graph dm_build_forward_batch(ggml_context * ctx, ggml_cgraph * gf, cons
                                       std::vector<dm_batch_seq> & seqs) {
     dm_graph_shape total{0, 0, 0};
     for (const dm_batch_seq & s : seqs) total.n_tokens += s.shape.n_tokens;
-    forward_builder b{ctx, model, model.hp, *seqs.front().kv, total, gf, seqs.front().dmem, {}, {}};
+    forward_builder b{ctx, model, model.hp, *seqs.front().kv, total, gf, seqs.front().dmem, {}, {}, {ctx, {}}};
     return b.build_batch(seqs);
 }
 
@@ -332,6 +334,6 @@ size_t dm_graph_max_nodes(const dm_model & model) {
 
 dm_graph dm_build_forward(ggml_context * ctx, ggml_cgraph * gf, const dm_model & model, const dm_kv_cache & kv,
                           const dm_graph_shape & shape, dm_dmem_builder * dmem) {
-    forward_builder b{ctx, model, model.hp, kv, shape, gf, dmem, {}, {}};
+    forward_builder b{ctx, model, model.hp, kv, shape, gf, dmem, {}, {}, {ctx, {}}};
     return b.build();
 }

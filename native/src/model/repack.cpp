@@ -1,6 +1,7 @@
 #include "model/repack.h"
 
 #include "common/error.h"
+#include "matmul/qmatmul.h"
 #include "model/model.h"
 
 #include <ggml-alloc.h>
@@ -70,7 +71,8 @@ void dm_repack_weights(dm_model & model) {
 
     std::vector<std::pair<ggml_tensor **, ggml_tensor *>> moves;   // (model's pointer, mapped original)
     for (ggml_tensor ** w : mul_mat_weights(model)) {
-        if (mul_mat_supported(dev, buft, *w)) moves.emplace_back(w, *w);
+        // The engine's own kernel takes its types whatever the pass size (ggml's repacked q4_0 is slower for few tokens).
+        if (!dm_qmatmul_takes_type((*w)->type) && mul_mat_supported(dev, buft, *w)) moves.emplace_back(w, *w);
     }
     if (moves.empty()) return;
 

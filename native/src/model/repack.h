@@ -21,5 +21,6 @@ struct dm_repacked_weights {
 };
 
 // Copies every mat-mul weight the repack buffer supports into it and points the model at the
-// copies. Types it does not support stay memory-mapped. A ggml without a repack buffer is a no-op.
+// copies. Types it does not support, and those the engine's own mat-mul kernel takes
+// (matmul/qmatmul.h), stay memory-mapped. A ggml without a repack buffer is a no-op.
 void dm_repack_weights(dm_model & model);

@@ -1,0 +1,21 @@
+#include "matmul/matmul_graph.h"
+
+#include "matmul/qmatmul.h"
+
+ggml_tensor * dm_matmuls::quantise(ggml_tensor * x) {
+    for (const auto & [from, q] : quantised) {
+        if (from == x) return q;
+    }
+    ggml_tensor * args[] = {x};
+    ggml_tensor * q = ggml_custom_4d(ctx, GGML_TYPE_I8, static_cast<int64_t>(dm_qact_bytes(x->ne[0])), x->ne[1], 1, 1,
+                                     args, 1, dm_qact_op_cpu, GGML_N_TASKS_MAX, nullptr);
+    quantised.emplace_back(x, q);
+    return q;
+}
+
+ggml_tensor * dm_matmuls::mul(ggml_tensor * w, ggml_tensor * x) {
+    if (!dm_qmatmul_serves(w, x)) return ggml_mul_mat(ctx, w, x);
+    ggml_tensor * args[] = {w, quantise(x)};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], 1, 1, args, 2, dm_qmatmul_op_cpu, GGML_N_TASKS_MAX,
+                          nullptr);
+}
