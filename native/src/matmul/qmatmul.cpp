@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -17,22 +16,19 @@ namespace {
 constexpr int64_t k_block = 32;   // values per block, of the weights and of the quantised activations
 
 // One quantised column: an act_pair for each pair of blocks (2p, 2p + 1; a zero second block when
-// the count is odd), then sums[b] = d_b Σ q_b for every block b, zero-padded to a multiple of 16.
+// the count is odd).
 struct act_pair {
     int8_t  q[64];     // x_2p[0:16], x_2p+1[0:16], x_2p[16:32], x_2p+1[16:32]: the order weights unpack to
     float   d[16];     // lanes 0-3 and 8-11: d_2p; lanes 4-7 and 12-15: d_2p+1 (as the products' lanes)
     int32_t off[16];   // lane 0: -8 Σ q_2p, lane 4: -8 Σ q_2p+1 (q4_0's offset, added to the integer sum)
+    float   s[16];     // lane 0: d_2p Σ q_2p, lane 4: d_2p+1 Σ q_2p+1 (q4_1's min term m_w d_x Σ q_x)
 };
-static_assert(sizeof(act_pair) == 192, "the column layout is 64-byte pieces");
+static_assert(sizeof(act_pair) == 256, "the column layout is 64-byte pieces");
 
 int64_t n_blocks(int64_t k) { return k / k_block; }
 int64_t n_pairs(int64_t k) { return (n_blocks(k) + 1) / 2; }
-int64_t n_sums(int64_t k) { return (n_blocks(k) + 15) / 16 * 16; }
 
 const act_pair * pairs_of(const uint8_t * col) { return reinterpret_cast<const act_pair *>(col); }
-const float * sums_of(const uint8_t * col, int64_t k) {
-    return reinterpret_cast<const float *>(col + n_pairs(k) * static_cast<int64_t>(sizeof(act_pair)));
-}
 
 // ggml's block layouts (the GGUF format): an f16 scale d (q4_1: and an f16 min m), then the values;
 // a q4 byte j holds value j in its low nibble and value j + 16 in its high one.
@@ -89,9 +85,8 @@ DM_AVX2 inline float hsum8(__m256 v) {
 }
 
 DM_AVX2 void quantize_avx2(const float * x, int64_t k, uint8_t * out) {
-    std::memset(out, 0, dm_qact_bytes(k));   // an odd count's empty last block, the sums' padding
+    std::memset(out, 0, dm_qact_bytes(k));   // an odd count's empty last block, the lanes left zero
     auto * pairs = reinterpret_cast<act_pair *>(out);
-    auto * sums = const_cast<float *>(sums_of(out, k));
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   // undoes the packs' lane interleave
     for (int64_t b = 0; b < n_blocks(k); ++b) {
@@ -114,22 +109,7 @@ DM_AVX2 void quantize_avx2(const float * x, int64_t k, uint8_t * out) {
         _mm_storeu_si128(reinterpret_cast<__m128i *>(a.q + 32 + 16 * h), _mm256_extracti128_si256(bytes, 1));
         for (int l = 0; l < 4; ++l) a.d[4 * h + l] = a.d[8 + 4 * h + l] = d;
         a.off[4 * h] = -8 * sum;
-        sums[b] = d * static_cast<float>(sum);
-    }
-}
-
-// q4_1's mins of `rows` weight rows, each padded with zeros to n_sums(k): the m_w of m_w d_x Σ q_x.
-template <ggml_type T>
-DM_AVX2 const float * gather_mins(const uint8_t * w, size_t w_row, int64_t k, int rows, std::vector<float> & out) {
-    if constexpr (T != GGML_TYPE_Q4_1) {
-        return nullptr;
-    } else {
-        const int64_t ns = n_sums(k);
-        out.assign(static_cast<size_t>(rows * ns), 0.0f);
-        for (int r = 0; r < rows; ++r) {
-            for (int64_t b = 0; b < n_blocks(k); ++b) out[r * ns + b] = half_at(w + r * w_row + b * block_bytes<T> + 2);
-        }
-        return out.data();
+        a.s[4 * h] = d * static_cast<float>(sum);
     }
 }
 
@@ -139,6 +119,7 @@ struct w512 {
     __m512i q;      // the values in the columns' order: q4 as u8 0..15, q8_0 as s8
     __m512  d;      // the blocks' scales, lane for lane
     __m512i base;   // q8_0: -128 Σ q_w per lane (the u8 shift of the columns' values undone)
+    __m512  m;      // q4_1: lane 0 the first block's min, lane 4 the second's (against act_pair::s)
 };
 
 template <ggml_type T>
@@ -147,6 +128,9 @@ DM_AVX512 inline w512 load_pair512(const uint8_t * row, int64_t p, bool two) {
     const uint8_t * b1 = b0 + block_bytes<T>;
     w512 w;
     w.d = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(half_at(b0)), _mm512_set1_ps(two ? half_at(b1) : 0.0f));
+    w.m = T == GGML_TYPE_Q4_1 ? _mm512_maskz_mov_ps(0x0011, _mm512_mask_blend_ps(0x00F0, _mm512_set1_ps(half_at(b0 + 2)),
+                                                                                _mm512_set1_ps(two ? half_at(b1 + 2) : 0.0f)))
+                              : _mm512_setzero_ps();
     if constexpr (T == GGML_TYPE_Q8_0) {
         const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b0 + 2));
         const __m256i hi = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b1 + 2)) : _mm256_setzero_si256();
@@ -169,8 +153,8 @@ DM_AVX512 inline w512 load_pair512(const uint8_t * row, int64_t p, bool two) {
 
 // y for R rows × C columns over all of k: each row's pair of blocks unpacked once for the C columns.
 template <ggml_type T, int R, int C>
-DM_AVX512 void tile512(const uint8_t * w, size_t w_row, int64_t k, const uint8_t * xq, size_t x_col, const float * mins,
-                       float * y, int64_t y_stride) {
+DM_AVX512 void tile512(const uint8_t * w, size_t w_row, int64_t k, const uint8_t * xq, size_t x_col, float * y,
+                       int64_t y_stride) {
     const int64_t nb = n_blocks(k);
     __m512 acc[R][C];
 #pragma GCC unroll 4
@@ -195,17 +179,7 @@ DM_AVX512 void tile512(const uint8_t * w, size_t w_row, int64_t k, const uint8_t
                 const __m512i s = T == GGML_TYPE_Q8_0 ? _mm512_dpbusd_epi32(wr[r].base, x, wr[r].q)
                                                       : _mm512_dpbusd_epi32(base, wr[r].q, x);
                 acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wr[r].d, xd), acc[r][c]);
-            }
-        }
-    }
-    if constexpr (T == GGML_TYPE_Q4_1) {   // + Σ_b m_b d_b Σ q_b
-        const int64_t ns = n_sums(k);
-        for (int c = 0; c < C; ++c) {
-            const float * s = sums_of(xq + c * x_col, k);
-            for (int r = 0; r < R; ++r) {
-                for (int64_t j = 0; j < ns; j += 16) {
-                    acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(mins + r * ns + j), _mm512_loadu_ps(s + j), acc[r][c]);
-                }
+                if constexpr (T == GGML_TYPE_Q4_1) acc[r][c] = _mm512_fmadd_ps(wr[r].m, _mm512_loadu_ps(a.s), acc[r][c]);
             }
         }
     }
@@ -221,6 +195,7 @@ DM_AVX512 void tile512(const uint8_t * w, size_t w_row, int64_t k, const uint8_t
 struct w256 {
     __m256i lo, hi;   // values 0:16 and 16:32 of the two blocks, as the columns hold them
     __m256  d;        // lanes 0-3: the first block's scale, 4-7: the second's
+    __m256  m;        // q4_1: lane 0 the first block's min, lane 4 the second's
 };
 
 template <ggml_type T>
@@ -229,6 +204,9 @@ DM_AVX2 inline w256 load_pair256(const uint8_t * row, int64_t p, bool two) {
     const uint8_t * b1 = b0 + block_bytes<T>;
     w256 w;
     w.d = _mm256_blend_ps(_mm256_set1_ps(half_at(b0)), _mm256_set1_ps(two ? half_at(b1) : 0.0f), 0xF0);
+    w.m = T == GGML_TYPE_Q4_1 ? _mm256_blend_ps(_mm256_setzero_ps(), _mm256_blend_ps(_mm256_set1_ps(half_at(b0 + 2)),
+                                                _mm256_set1_ps(two ? half_at(b1 + 2) : 0.0f), 0xF0), 0x11)
+                              : _mm256_setzero_ps();
     if constexpr (T == GGML_TYPE_Q8_0) {
         const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b0 + 2));
         const __m256i v1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b1 + 2)) : _mm256_setzero_si256();
@@ -258,8 +236,8 @@ DM_AVX2 inline __m256i dot32(__m256i w, __m256i x) {
 }
 
 template <ggml_type T, int R, int C>
-DM_AVX2 void tile256(const uint8_t * w, size_t w_row, int64_t k, const uint8_t * xq, size_t x_col, const float * mins,
-                     float * y, int64_t y_stride) {
+DM_AVX2 void tile256(const uint8_t * w, size_t w_row, int64_t k, const uint8_t * xq, size_t x_col, float * y,
+                     int64_t y_stride) {
     const int64_t nb = n_blocks(k);
     __m256 acc[R][C];
 #pragma GCC unroll 4
@@ -284,17 +262,7 @@ DM_AVX2 void tile256(const uint8_t * w, size_t w_row, int64_t k, const uint8_t *
             for (int r = 0; r < R; ++r) {
                 const __m256i s = _mm256_add_epi32(_mm256_add_epi32(dot32<T>(wr[r].lo, xlo), dot32<T>(wr[r].hi, xhi)), base);
                 acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(wr[r].d, xd), acc[r][c]);
-            }
-        }
-    }
-    if constexpr (T == GGML_TYPE_Q4_1) {
-        const int64_t ns = n_sums(k);
-        for (int c = 0; c < C; ++c) {
-            const float * s = sums_of(xq + c * x_col, k);
-            for (int r = 0; r < R; ++r) {
-                for (int64_t j = 0; j < ns; j += 8) {
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + r * ns + j), _mm256_loadu_ps(s + j), acc[r][c]);
-                }
+                if constexpr (T == GGML_TYPE_Q4_1) acc[r][c] = _mm256_fmadd_ps(wr[r].m, _mm256_loadu_ps(a.s), acc[r][c]);
             }
         }
     }
@@ -307,7 +275,7 @@ DM_AVX2 void tile256(const uint8_t * w, size_t w_row, int64_t k, const uint8_t *
 
 // ---- tiling ----------------------------------------------------------------------------------------
 
-using tile_fn = void (*)(const uint8_t *, size_t, int64_t, const uint8_t *, size_t, const float *, float *, int64_t);
+using tile_fn = void (*)(const uint8_t *, size_t, int64_t, const uint8_t *, size_t, float *, int64_t);
 
 // The tiles of one ISA: full ones of R rows × C columns, and the single rows and narrower column
 // groups at the edges. R * C accumulators fit the ISA's registers.
@@ -337,16 +305,14 @@ void rows_of(const uint8_t * w, size_t w_row, int64_t k, int64_t first, int64_t 
     using tl = tiles<T, wide>;
     constexpr int64_t col_block = 64;
     const size_t x_col = dm_qact_bytes(k);
-    thread_local std::vector<float> mins;
     for (int64_t c0 = 0; c0 < n; c0 += col_block) {
         const int64_t c1 = std::min(n, c0 + col_block);
         for (int64_t r = first; r < last;) {
             const int rows = last - r >= tl::R ? tl::R : 1;
             const uint8_t * wr = w + r * w_row;
-            const float * m = gather_mins<T>(wr, w_row, k, rows, mins);
             for (int64_t c = c0; c < c1; c += tl::C) {
                 const int cols = static_cast<int>(std::min<int64_t>(tl::C, c1 - c));
-                tl::pick(rows, cols)(wr, w_row, k, xq + c * x_col, x_col, m, y + c * y_stride + r, y_stride);
+                tl::pick(rows, cols)(wr, w_row, k, xq + c * x_col, x_col, y + c * y_stride + r, y_stride);
             }
             r += rows;
         }
@@ -388,7 +354,7 @@ bool dm_qmatmul_serves(const ggml_tensor * w, const ggml_tensor * x) {
 }
 
 size_t dm_qact_bytes(int64_t k) {
-    return static_cast<size_t>(n_pairs(k)) * sizeof(act_pair) + static_cast<size_t>(n_sums(k)) * sizeof(float);
+    return static_cast<size_t>(n_pairs(k)) * sizeof(act_pair);
 }
 
 void dm_qact_quantize(const float * x, int64_t k, void * out) {
