@@ -13,9 +13,13 @@ ggml_tensor * dm_matmuls::quantise(ggml_tensor * x) {
     return q;
 }
 
+// Up to this many columns every thread of the mat-mul quantises x itself: less work than the
+// barrier a shared quantisation node costs (single-token decodes and small batches).
+constexpr int64_t k_own_quantisation = 8;
+
 ggml_tensor * dm_matmuls::mul(ggml_tensor * w, ggml_tensor * x) {
     if (!dm_qmatmul_serves(w, x)) return ggml_mul_mat(ctx, w, x);
-    ggml_tensor * args[] = {w, quantise(x)};
+    ggml_tensor * args[] = {w, x->ne[1] <= k_own_quantisation ? x : quantise(x)};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], 1, 1, args, 2, dm_qmatmul_op_cpu, GGML_N_TASKS_MAX,
                           nullptr);
 }

@@ -7,8 +7,8 @@
 #include <utility>
 #include <vector>
 
-// The mat-muls of one graph build. Projections of the same input (q, k, v; gate, up) share one
-// quantisation of it.
+// The mat-muls of one graph build. Projections of the same input of many columns (q, k, v; gate,
+// up) share one quantisation of it.
 struct dm_matmuls {
     ggml_context * ctx;
     std::vector<std::pair<const ggml_tensor *, ggml_tensor *>> quantised;   // (x, x quantised for the kernel)

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -393,11 +394,22 @@ void dm_qact_op_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
 
 void dm_qmatmul_op_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
     const ggml_tensor * w = dst->src[0];
-    const ggml_tensor * xq = dst->src[1];
+    const ggml_tensor * x = dst->src[1];
+    const void * xq = x->data;
+    if (x->type == GGML_TYPE_F32) {   // a few columns: each thread quantises them itself (no node, no barrier)
+        thread_local std::vector<char> own;
+        const size_t col = dm_qact_bytes(x->ne[0]);
+        own.resize(col * static_cast<size_t>(x->ne[1]));
+        for (int64_t t = 0; t < x->ne[1]; ++t) {
+            dm_qact_quantize(reinterpret_cast<const float *>(static_cast<const char *>(x->data) + t * x->nb[1]), x->ne[0],
+                             own.data() + t * col);
+        }
+        xq = own.data();
+    }
     // Rows in shares of whole 4-row tiles (a row's sum is the same in any tile: shares only balance the work).
     const int64_t tiles = (w->ne[1] + 3) / 4;
     const int64_t first = std::min(w->ne[1], tiles * ith / nth * 4);
     const int64_t last = std::min(w->ne[1], tiles * (ith + 1) / nth * 4);
-    dm_qmatmul_rows(w->data, w->nb[1], w->type, w->ne[0], first, last, xq->data, xq->ne[1],
-                    static_cast<float *>(dst->data), dst->nb[1] / static_cast<int64_t>(sizeof(float)));
+    dm_qmatmul_rows(w->data, w->nb[1], w->type, w->ne[0], first, last, xq, x->ne[1], static_cast<float *>(dst->data),
+                    dst->nb[1] / static_cast<int64_t>(sizeof(float)));
 }

@@ -44,5 +44,6 @@ void dm_qmatmul_rows(const void * w, size_t w_row_bytes, ggml_type type, int64_t
 // Graph ops (ggml_custom_4d, no userdata).
 // dst [dm_qact_bytes(k), n] i8: the columns of src[0], x [k, n] f32, quantised.
 void dm_qact_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
-// dst [rows, n] f32 = W x: src[0] W [k, rows], src[1] the quantised x (dm_qact_op_cpu's dst).
+// dst [rows, n] f32 = W x: src[0] W [k, rows], src[1] the quantised x (dm_qact_op_cpu's dst), or x
+// itself (f32 [k, n]), which each thread then quantises for itself (few columns).
 void dm_qmatmul_op_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
