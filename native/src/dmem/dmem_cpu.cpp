@@ -198,9 +198,8 @@ struct computed_rows {
     // x as the mat-mul reads it, once per call and thread, before the thread's first chunk.
     void convert_x(std::vector<char> & x_dot) const {
         if (own_kernel()) {
-            const size_t col = dm_qact_bytes(x->ne[0]);
-            x_dot.resize(col * static_cast<size_t>(n));
-            for (int64_t t = 0; t < n; ++t) dm_qact_quantize(column(x, t), x->ne[0], x_dot.data() + t * col);
+            x_dot.resize(dm_qact_bytes(x->ne[0]) * static_cast<size_t>(n));
+            dm_qact_quantize(column(x, 0), x->nb[1], x->ne[0], n, x_dot.data());
             return;
         }
         const ggml_type type = ggml_get_type_traits_cpu(w->type)->vec_dot_type;

@@ -28,9 +28,8 @@ int32_t dm_quant_matmul(int32_t type, const void * w, size_t w_size, int64_t row
                      ggml_type_name(t), row_bytes * static_cast<size_t>(rows));
         }
         if (!w || !x || !y) dm::fail("null array");
-        const size_t col = dm_qact_bytes(n_per_row);
-        std::vector<char> xq(col * static_cast<size_t>(n));
-        for (int64_t c = 0; c < n; ++c) dm_qact_quantize(x + c * n_per_row, n_per_row, xq.data() + c * col);
+        std::vector<char> xq(dm_qact_bytes(n_per_row) * static_cast<size_t>(n));
+        dm_qact_quantize(x, static_cast<size_t>(n_per_row) * sizeof(float), n_per_row, n, xq.data());
         dm_qmatmul_rows(w, row_bytes, t, n_per_row, 0, rows, xq.data(), n, y, rows);
         return 0;
     });

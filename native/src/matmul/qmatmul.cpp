@@ -358,11 +358,14 @@ size_t dm_qact_bytes(int64_t k) {
     return static_cast<size_t>(n_pairs(k)) * sizeof(act_pair);
 }
 
-void dm_qact_quantize(const float * x, int64_t k, void * out) {
+void dm_qact_quantize(const float * x, size_t x_col_bytes, int64_t k, int64_t n, void * out) {
 #ifdef DM_QMATMUL_X86
-    quantize_avx2(x, k, static_cast<uint8_t *>(out));
+    for (int64_t t = 0; t < n; ++t) {
+        quantize_avx2(reinterpret_cast<const float *>(reinterpret_cast<const char *>(x) + t * x_col_bytes), k,
+                      static_cast<uint8_t *>(out) + t * dm_qact_bytes(k));
+    }
 #else
-    (void) x, (void) k, (void) out;
+    (void) x, (void) x_col_bytes, (void) k, (void) n, (void) out;
 #endif
 }
 
@@ -385,11 +388,9 @@ void dm_qmatmul_rows(const void * w, size_t w_row_bytes, ggml_type type, int64_t
 
 void dm_qact_op_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
     const ggml_tensor * x = dst->src[0];
-    const int64_t n = x->ne[1];
-    for (int64_t t = n * ith / nth; t < n * (ith + 1) / nth; ++t) {
-        dm_qact_quantize(reinterpret_cast<const float *>(static_cast<const char *>(x->data) + t * x->nb[1]), x->ne[0],
-                         static_cast<char *>(dst->data) + t * dst->nb[1]);
-    }
+    const int64_t first = x->ne[1] * ith / nth, last = x->ne[1] * (ith + 1) / nth;
+    dm_qact_quantize(reinterpret_cast<const float *>(static_cast<const char *>(x->data) + first * x->nb[1]), x->nb[1],
+                     x->ne[0], last - first, static_cast<char *>(dst->data) + first * dst->nb[1]);
 }
 
 void dm_qmatmul_op_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
@@ -398,12 +399,8 @@ void dm_qmatmul_op_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/)
     const void * xq = x->data;
     if (x->type == GGML_TYPE_F32) {   // a few columns: each thread quantises them itself (no node, no barrier)
         thread_local std::vector<char> own;
-        const size_t col = dm_qact_bytes(x->ne[0]);
-        own.resize(col * static_cast<size_t>(x->ne[1]));
-        for (int64_t t = 0; t < x->ne[1]; ++t) {
-            dm_qact_quantize(reinterpret_cast<const float *>(static_cast<const char *>(x->data) + t * x->nb[1]), x->ne[0],
-                             own.data() + t * col);
-        }
+        own.resize(dm_qact_bytes(x->ne[0]) * static_cast<size_t>(x->ne[1]));
+        dm_qact_quantize(static_cast<const float *>(x->data), x->nb[1], x->ne[0], x->ne[1], own.data());
         xq = own.data();
     }
     // Rows in shares of whole 4-row tiles (a row's sum is the same in any tile: shares only balance the work).

@@ -33,8 +33,8 @@ bool dm_qmatmul_serves(const ggml_tensor * w, const ggml_tensor * x);
 // Bytes of one column of k values quantised for the kernel (k a multiple of 32).
 size_t dm_qact_bytes(int64_t k);
 
-// Quantises one column x[k] into out (dm_qact_bytes(k) bytes).
-void dm_qact_quantize(const float * x, int64_t k, void * out);
+// Quantises n columns of k values, x_col_bytes apart from x, into out (dm_qact_bytes(k) bytes each).
+void dm_qact_quantize(const float * x, size_t x_col_bytes, int64_t k, int64_t n, void * out);
 
 // y[c * y_stride + r] = W row r · column c, for rows [first, last) of W (rows w_row_bytes apart, of
 // k values of `type`) and the n quantised columns xq (dm_qact_bytes(k) apart).
