@@ -517,7 +517,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         " (default: smollm2)")
     parser.add_argument("--threads", "-t", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--runs", "-r", type=int, default=None, help="runs per contender (default 5; 3 with --server)")
-    parser.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--pp", type=int, default=None, help="prompt tokens (default 512; --parallel: 128)")
     parser.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default pp + tg, as llama-bench; 2048 with --server)")
     parser.add_argument("--no-dmem", action="store_true", help="skip the engine with a δ-mem adapter")
@@ -605,6 +605,8 @@ def run_cli(args: argparse.Namespace) -> int:
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     if args.runs is None:
         args.runs = 3 if args.server else 5
+    if args.pp is None:   # --parallel's sequences are chat turns (the 128 tokens), not a long prompt
+        args.pp = 128 if args.parallel else 512
     if not threads or min(threads) < 1 or args.runs < 1 or args.pp < 0 or args.tg < 0 or args.pp + args.tg == 0:
         raise ValueError("need threads ≥ 1, runs ≥ 1, pp ≥ 0, tg ≥ 0 and pp + tg > 0")
     if args.paired < 0:

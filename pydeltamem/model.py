@@ -195,7 +195,8 @@ class Model:
 
     @property
     def n_repacked(self) -> int:
-        """Weights moved into ggml's CPU repack buffer (types with faster interleaved kernels)."""
+        """Weights moved into faster layouts at load: ggml's CPU repack buffer (types with interleaved
+        kernels) and, on CPUs with AMX, the engine's q4_0/q4_1/q8_0 kernel's own layout."""
         return self._native.n_repacked
 
     @property

@@ -61,7 +61,7 @@ int32_t dm_rpc_serve(const char * endpoint, int32_t n_threads);
 struct dm_model_params {
     const char * adapter_path;   // δ-mem adapter GGUF, or NULL (a packed model loads its own)
     bool         use_mmap;       // map weights from the file instead of reading them
-    bool         use_repack;     // move mat-mul weights of supported types to ggml's repack buffer (faster kernels)
+    bool         use_repack;     // move mat-mul weights to faster layouts: ggml's repack buffer, the AMX kernel's
     // Devices, as llama.cpp counts them. n_gpu_layers: how many layers go to the offload devices
     // (this machine's GPUs, then the devices of rpc_servers), the last ones first; -1 (or more
     // than the model has) offloads every layer and the output (which goes with the last layer).
@@ -83,7 +83,7 @@ int32_t      dm_model_n_vocab   (const dm_model * model);
 int32_t      dm_model_n_ctx_train(const dm_model * model);
 int32_t      dm_model_n_layer   (const dm_model * model);
 int32_t      dm_model_n_embd    (const dm_model * model);
-int32_t      dm_model_n_repacked(const dm_model * model);   // weights moved to the repack buffer
+int32_t      dm_model_n_repacked(const dm_model * model);   // weights moved to those layouts
 // Name of the device that computes layer il (0 <= il < n_layer; il == n_layer: the output layer),
 // "CPU" when the host does, or NULL on error.
 const char * dm_model_layer_device(const dm_model * model, int32_t il);
@@ -354,8 +354,10 @@ int64_t dm_quantize_rows(int32_t type, const float * src, int64_t n_rows, int64_
 // ---- quantised mat-mul (native/src/matmul) -----------------------------------------------------
 // The CPU kernel the engine runs for q4_0, q4_1 and q8_0 weights, for tests and other languages.
 
-// "avx512-vnni", "avx2", or NULL where this CPU (or DELTAMEM_NO_QMATMUL / DELTAMEM_NO_AVX2 in the
-// environment) leaves those weights to ggml's mul_mat. DELTAMEM_NO_AVX512=1 keeps to "avx2".
+// "amx-int8", "avx512-vnni", "avx2", or NULL where this CPU (or DELTAMEM_NO_QMATMUL / DELTAMEM_NO_AVX2
+// in the environment) leaves those weights to ggml's mul_mat. DELTAMEM_NO_AMX=1 keeps to "avx512-vnni",
+// DELTAMEM_NO_AVX512=1 to "avx2". With AMX, a model's weights of those types whose rows are a multiple
+// of 16 and hold an even number of blocks are stored in the kernel's own layout when it loads.
 const char * dm_quant_matmul_kernel(void);
 
 // y [n, rows] = x [n, n_per_row] · Wᵀ (row-major) for W [rows, n_per_row] of `type` as

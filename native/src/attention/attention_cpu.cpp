@@ -12,7 +12,7 @@
 
 namespace {
 
-constexpr int64_t k_block = 64;         // cache cells whose keys and values are made f32 once for all an item's queries
+constexpr int64_t k_block = 64;         // cache cells an item's queries take together (online softmax between blocks)
 constexpr int64_t k_token_chunk = 16;   // a prompt's tokens per work item (the split changes no result)
 
 // One sequence's share of the pass.
@@ -22,32 +22,20 @@ struct seq_pass {
     int64_t n_past;   // cells already in its cache
 };
 
-// The rows of one KV head in a cache: cell c's head_dim values at base + c * stride bytes.
+// The rows of one KV head in a cache: cell c's values at base + c * stride bytes. The
+// kernels read f16 caches as they are (widened on load), so a decoded token's few queries do not pay
+// for an f32 copy of every cell they pass.
 struct head_rows {
     const char * base;
     size_t       stride;
     ggml_type    type;
-    int64_t      head_dim;
 
-    // Cells [c0, c0 + cnt) as f32 rows head_dim apart: the cache itself when it is f32, else buf.
-    const float * f32_block(int64_t c0, int64_t cnt, std::vector<float> & buf, int64_t * row_stride) const {
-        if (type == GGML_TYPE_F32) {
-            *row_stride = static_cast<int64_t>(stride / sizeof(float));
-            return reinterpret_cast<const float *>(base + c0 * stride);
-        }
-        buf.resize(static_cast<size_t>(cnt * head_dim));
-        for (int64_t c = 0; c < cnt; ++c) {
-            dm_vec_f16_to_f32(reinterpret_cast<const ggml_fp16_t *>(base + (c0 + c) * stride), buf.data() + c * head_dim,
-                              head_dim);
-        }
-        *row_stride = head_dim;
-        return buf.data();
-    }
+    const void * cell(int64_t c) const { return base + c * stride; }
 };
 
 head_rows rows_of(const ggml_tensor * cache, int64_t g, int64_t head_dim) {
     const char * base = static_cast<const char *>(cache->data) + g * head_dim * static_cast<int64_t>(ggml_type_size(cache->type));
-    return {base, cache->nb[1], cache->type, head_dim};
+    return {base, cache->nb[1], cache->type};
 }
 
 // Writes head g of the sequence's new keys (or values) into its cells n_past .. n_past + n - 1,
@@ -71,7 +59,7 @@ void store_new_rows(ggml_tensor * cache, const ggml_tensor * src, size_t token_b
 // The queries of one item: the group's heads for each of the sequence's tokens, and their
 // running softmax (max M, sum S) and weighted sums of values.
 struct item_state {
-    std::vector<float> m, s, acc, scores, p, k_buf, v_buf;
+    std::vector<float> m, s, acc, scores, p;
 };
 
 // Tokens [t0, t0 + nt) of sequence si, the query heads of KV head g, attending over its cache.
@@ -93,9 +81,6 @@ void attend_item(const dm_attention_op & op, ggml_tensor * dst, const ggml_tenso
     const int64_t n_cells = s.n_past + t0 + nt;   // what its last token sees
     for (int64_t c0 = 0; c0 < n_cells; c0 += k_block) {
         const int64_t cnt = std::min(k_block, n_cells - c0);
-        int64_t k_stride = 0, v_stride = 0;
-        const float * kb = keys.f32_block(c0, cnt, st.k_buf, &k_stride);
-        const float * vb = values.f32_block(c0, cnt, st.v_buf, &v_stride);
         for (int64_t j = 0; j < nq; ++j) {
             const int64_t token = t0 + j / group;
             const int64_t visible = std::min(cnt, s.n_past + token + 1 - c0);   // causal: cells up to its own
@@ -104,7 +89,7 @@ void attend_item(const dm_attention_op & op, ggml_tensor * dst, const ggml_tenso
             const auto * qj = reinterpret_cast<const float *>(static_cast<const char *>(q->data) + (s.first + token) * q->nb[2] +
                                                              head * q->nb[1]);
             float * sc = st.scores.data();
-            dm_vec_dots(kb, k_stride, visible, qj, hd_k, op.scale, sc);
+            dm_vec_dots(keys.cell(c0), keys.stride, keys.type, visible, qj, hd_k, op.scale, sc);
             const float block_max = *std::max_element(sc, sc + visible);
             float & m = st.m[static_cast<size_t>(j)];
             float * acc = st.acc.data() + j * hd_v;
@@ -116,7 +101,7 @@ void attend_item(const dm_attention_op & op, ggml_tensor * dst, const ggml_tenso
             }
             m = m_new;
             st.s[static_cast<size_t>(j)] += dm_vec_exp_shifted(st.p.data(), sc, visible, m_new);
-            dm_vec_mad_rows(acc, st.p.data(), 1, vb, static_cast<size_t>(v_stride) * sizeof(float), GGML_TYPE_F32, visible, hd_v);
+            dm_vec_mad_rows(acc, st.p.data(), 1, values.cell(c0), values.stride, values.type, visible, hd_v);
         }
     }
     for (int64_t j = 0; j < nq; ++j) {

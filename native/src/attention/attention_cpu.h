@@ -5,7 +5,7 @@
 // the threads. This op takes the pass's queries, keys and values of all its sequences at once. It
 // writes the new keys and values into each sequence's cache, then attends in work items of one
 // sequence, one KV head and up to 16 of its tokens: all the query heads sharing that KV head,
-// over the cache in blocks of 64 cells made f32 once for all of them (online softmax, f32 sums).
+// over the cache in blocks of 64 cells, f16 rows widened as they are read (online softmax, f32 sums).
 // Each query's arithmetic is the same whatever the pass: a token gets the same bits alone, in a
 // prompt, or in any batch. Graphs use it on every CPU layer (ggml's flash attention elsewhere).
 #pragma once

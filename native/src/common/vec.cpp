@@ -65,6 +65,10 @@ void dots_f32(const float * rows, int64_t row_stride, int64_t m, const float * x
     for (int64_t c = 0; c < m; ++c) out[c] = scale * dot_f32(rows + c * row_stride, x, n);
 }
 
+void dots_f16(const ggml_fp16_t * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale, float * out) {
+    for (int64_t c = 0; c < m; ++c) out[c] = scale * dot_f16(rows + c * row_stride, x, n);
+}
+
 float exp_shifted(float * p, const float * s, int64_t m, float shift) {
     float sum = 0.0f;
     for (int64_t c = 0; c < m; ++c) sum += p[c] = std::exp(s[c] - shift);
@@ -124,34 +128,29 @@ DM_AVX2 void mad_rows_avx2(float * y, const float * a, int64_t a_stride, const T
     }
 }
 
-// Four rows at a time: x is loaded once for the four, and their sums reduce together.
-DM_AVX2 void dots_avx2(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale,
-                       float * out) {
+// Four rows at a time: x is loaded once for the four, and their sums reduce together. f16 rows are
+// widened as they are loaded (exactly), so they give the bits their f32 copy would.
+template <typename T>
+DM_AVX2 void dots_avx2(const T * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale, float * out) {
     int64_t c = 0;
     for (; c + 4 <= m; c += 4) {
-        const float * w = rows + c * row_stride;
+        const T * w = rows + c * row_stride;
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         int64_t i = 0;
         for (; i + 8 <= n; i += 8) {
             const __m256 xv = _mm256_loadu_ps(x + i);
-            for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * row_stride + i), xv, acc[r]);
+            for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(load8(w + r * row_stride + i), xv, acc[r]);
         }
         // hadd twice leaves each row's halves in its lane of the two 128-bit halves
         const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
         float sums[4];
         _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
         for (int r = 0; r < 4; ++r) {
-            for (int64_t t = i; t < n; ++t) sums[r] += w[r * row_stride + t] * x[t];
+            for (int64_t t = i; t < n; ++t) sums[r] += load1(w + r * row_stride + t) * x[t];
             out[c + r] = scale * sums[r];
         }
     }
     for (; c < m; ++c) out[c] = scale * dot_avx2(rows + c * row_stride, x, n);
-}
-
-DM_AVX2 void f16_to_f32_avx2(const ggml_fp16_t * src, float * dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
-    for (; i < n; ++i) dst[i] = load1(src + i);
 }
 
 // exp(x) = 2^k e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its Taylor polynomial to
@@ -225,11 +224,18 @@ void dm_vec_mad_rows(float * y, const float * a, int64_t a_stride, const void * 
     }
 }
 
-void dm_vec_dots(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale, float * out) {
+void dm_vec_dots(const void * rows, size_t row_bytes, ggml_type type, int64_t m, const float * x, int64_t n, float scale,
+                 float * out) {
+    const bool half = type == GGML_TYPE_F16;
+    const int64_t stride = static_cast<int64_t>(row_bytes / ggml_type_size(type));
 #ifdef DM_VEC_X86
-    if (has_avx2()) return dots_avx2(rows, row_stride, m, x, n, scale, out);
+    if (has_avx2()) {
+        if (half) return dots_avx2(static_cast<const ggml_fp16_t *>(rows), stride, m, x, n, scale, out);
+        return dots_avx2(static_cast<const float *>(rows), stride, m, x, n, scale, out);
+    }
 #endif
-    dots_f32(rows, row_stride, m, x, n, scale, out);
+    if (half) return dots_f16(static_cast<const ggml_fp16_t *>(rows), stride, m, x, n, scale, out);
+    dots_f32(static_cast<const float *>(rows), stride, m, x, n, scale, out);
 }
 
 float dm_vec_exp_shifted(float * p, const float * s, int64_t m, float shift) {
@@ -237,11 +243,4 @@ float dm_vec_exp_shifted(float * p, const float * s, int64_t m, float shift) {
     if (has_avx2()) return exp_shifted_avx2(p, s, m, shift);
 #endif
     return exp_shifted(p, s, m, shift);
-}
-
-void dm_vec_f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
-#ifdef DM_VEC_X86
-    if (has_avx2()) return f16_to_f32_avx2(src, dst, n);
-#endif
-    ggml_cpu_fp16_to_fp32(src, dst, n);
 }

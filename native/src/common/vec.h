@@ -15,11 +15,9 @@ float dm_vec_dot(const void * w, ggml_type type, const float * x, int64_t n);
 void dm_vec_mad_rows(float * y, const float * a, int64_t a_stride, const void * w, size_t w_row_bytes, ggml_type type,
                      int64_t m, int64_t n);
 
-// out[c] = scale · (row c · x) for the m f32 rows of n elements, row_stride floats apart.
-void dm_vec_dots(const float * rows, int64_t row_stride, int64_t m, const float * x, int64_t n, float scale, float * out);
+// out[c] = scale · (row c · x) for the m rows of n elements of `type` (f32 or f16), row_bytes apart.
+void dm_vec_dots(const void * rows, size_t row_bytes, ggml_type type, int64_t m, const float * x, int64_t n, float scale,
+                 float * out);
 
 // p[c] = exp(s[c] - shift) for c < m; returns Σ p[c]. Arguments far below 0 give 0, as exp's underflow does.
 float dm_vec_exp_shifted(float * p, const float * s, int64_t m, float shift);
-
-// dst[i] = src[i] as f32, for i < n.
-void dm_vec_f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n);

@@ -211,7 +211,8 @@ struct computed_rows {
     // Rows [first, last) of W x (+ bias), before their correction.
     void compute(int64_t first, int64_t last, const std::vector<char> & x_dot) const {
         if (own_kernel()) {
-            dm_qmatmul_rows(w->data, w->nb[1], w->type, x->ne[0], first, last, x_dot.data(), n, out, rows);
+            dm_qmatmul_rows(w->data, w->nb[1], w->type, dm_qmatmul_is_packed(w), x->ne[0], first, last, x_dot.data(), n, out,
+                            rows);
         } else {
             const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
             const size_t x_row = x_dot.size() / static_cast<size_t>(n);   // bytes of one token's converted x

@@ -2,6 +2,7 @@
 
 #include "common/error.h"
 #include "dmem/dmem_cpu.h"
+#include "matmul/qmatmul.h"
 
 #include <ggml-backend.h>
 #include <ggml-cpu.h>
@@ -254,6 +255,7 @@ const dm_dmem_packed & dm_dmem_builder::weights(const dm_dmem_layer & l) const {
 bool dm_dmem_builder::op_computes(const dm_linear & target, ggml_tensor * x) const {
     if (!target.w || !target.plain || n_tokens > k_few_tokens) return false;
     if (x->type != GGML_TYPE_F32 || !ggml_is_contiguous(x) || !ggml_is_contiguous(target.w)) return false;
+    if (dm_qmatmul_is_packed(target.w)) return dm_qmatmul_serves(target.w, x);   // vec_dot cannot read it
     if (target.bias && (target.bias->type != GGML_TYPE_F32 || !ggml_is_contiguous(target.bias))) return false;
     const ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(target.w->type);
     return traits->vec_dot && ggml_get_type_traits_cpu(traits->vec_dot_type)->from_float;

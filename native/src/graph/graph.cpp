@@ -121,7 +121,7 @@ struct forward_builder {
         ggml_tensor * reads = nullptr;    // [n_tokens, D]
         if (dl) {   // q, when it is a delta head, comes corrected out of the memory op
             const dm_dmem_packed & dw = dmem->weights(*dl);
-            const dm_linear wq = dw.dq_t ? dm_linear{l.wq, l.bq, l.wq->buffer != model.repacked.buf} : dm_linear{};
+            const dm_linear wq = dw.dq_t ? dm_linear{l.wq, l.bq, l.wq->buffer != model.repacked.ggml_repack.buf} : dm_linear{};
             const auto pass = dmem->read_and_write(*dl, dmem->memory.state[model.adapter->slot_of_layer[il]], x, wq, dw.dq_t,
                                                     matmuls);
             reads = pass.reads;

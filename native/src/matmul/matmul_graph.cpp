@@ -1,5 +1,6 @@
 #include "matmul/matmul_graph.h"
 
+#include "common/error.h"
 #include "matmul/qmatmul.h"
 
 ggml_tensor * dm_matmuls::quantise(ggml_tensor * x) {
@@ -18,7 +19,10 @@ ggml_tensor * dm_matmuls::quantise(ggml_tensor * x) {
 constexpr int64_t k_own_quantisation = 8;
 
 ggml_tensor * dm_matmuls::mul(ggml_tensor * w, ggml_tensor * x) {
-    if (!dm_qmatmul_serves(w, x)) return ggml_mul_mat(ctx, w, x);
+    if (!dm_qmatmul_serves(w, x)) {
+        if (dm_qmatmul_is_packed(w)) dm::fail("weight %s is packed for the AMX kernel, which cannot take this input", ggml_get_name(w));
+        return ggml_mul_mat(ctx, w, x);
+    }
     ggml_tensor * args[] = {w, x->ne[1] <= k_own_quantisation ? x : quantise(x)};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], 1, 1, args, 2, dm_qmatmul_op_cpu, GGML_N_TASKS_MAX,
                           nullptr);

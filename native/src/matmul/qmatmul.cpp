@@ -8,8 +8,23 @@
 #include <vector>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12's AVX-512 intrinsics start from a self-initialised "undefined" register and warn when
+// inlined (GCC bug 105593, fixed in 13): a false positive in the compiler's own header.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
 #define DM_QMATMUL_X86
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace {
@@ -36,7 +51,22 @@ const act_pair * pairs_of(const uint8_t * col) { return reinterpret_cast<const a
 template <ggml_type T> constexpr size_t block_bytes = T == GGML_TYPE_Q8_0 ? 34 : T == GGML_TYPE_Q4_1 ? 20 : 18;
 template <ggml_type T> constexpr size_t values_at = T == GGML_TYPE_Q4_1 ? 4 : 2;
 
-enum class isa { none, avx2, avx512 };
+enum class isa { none, avx2, avx512, amx };
+
+#ifdef DM_QMATMUL_X86
+// AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24, 25), and Linux's leave to use their 8 KiB of tile
+// state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18), which it grants per process.
+bool amx_usable() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
+#ifdef __linux__
+    constexpr long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+#else
+    return false;
+#endif
+}
+#endif
 
 isa detect() {
 #ifdef DM_QMATMUL_X86
@@ -46,7 +76,8 @@ isa detect() {
     }
     const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    return vnni && !std::getenv("DELTAMEM_NO_AVX512") ? isa::avx512 : isa::avx2;
+    if (!vnni || std::getenv("DELTAMEM_NO_AVX512")) return isa::avx2;
+    return amx_usable() && !std::getenv("DELTAMEM_NO_AMX") ? isa::amx : isa::avx512;
 #else
     return isa::none;
 #endif
@@ -60,6 +91,7 @@ isa kernel_isa() {
 #ifdef DM_QMATMUL_X86
 #define DM_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define DM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
+#define DM_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
 
 DM_AVX2 inline float half_at(const uint8_t * p) {
     uint16_t h;
@@ -274,6 +306,215 @@ DM_AVX2 void tile256(const uint8_t * w, size_t w_row, int64_t k, const uint8_t *
     }
 }
 
+// ---- AMX (Intel's tile matrix unit): 16 weight rows × 8 columns × a pair of blocks an instruction ----
+//
+// One tile product C += A B sums 64 byte products per output: A holds the columns' activations, two
+// rows a column (block 2p of the pair in one, block 2p + 1 in the other, the other block's bytes
+// zeroed), B the pair of blocks of 16 weight rows, so C [2 × columns, 16] holds every (column, block,
+// weight row) integer sum at once and AVX-512 scales them into per-column accumulators whose lanes
+// are the 16 weight rows: a few vector instructions per 16 rows × 8 columns × 64 values, where VNNI
+// needs four per row and column. The K order is act_pair's: positions 0-15 block 2p's values 0-15,
+// 16-31 block 2p + 1's 0-15, 32-47 and 48-63 their values 16-31.
+//
+// B wants each weight row's values 4 at a time side by side with the other rows' (row kk of the tile:
+// positions 4kk .. 4kk + 3 of weight rows 0-15), so the model's weights are stored for it once, at
+// load (dm_qmatmul_pack): per 16 rows and pair of blocks, in the same bytes as before,
+//   q4_0 / q4_1: 8 × 64 bytes: piece 4h + c holds bytes 4c .. 4c + 3 of block 2p + h of each row
+//                (low nibbles: B row 4h + c; high nibbles: B row 8 + 4h + c)
+//   q8_0:        the B tile itself, 16 × 64 bytes
+// then the 2 × 16 block scales d (f16; q4_1: then the 2 × 16 mins m).
+
+constexpr int64_t k_amx_rows = 16;   // weight rows a B tile holds (the lanes of an accumulator)
+constexpr int k_amx_cols = 8;        // columns an A tile holds (two of its 16 rows each)
+
+template <ggml_type T> constexpr size_t amx_values_bytes = T == GGML_TYPE_Q8_0 ? 1024 : 512;
+template <ggml_type T> constexpr size_t amx_unit_bytes = k_amx_rows * 2 * block_bytes<T>;   // 16 rows × 2 blocks
+
+// K position P (0-63) of a pair: (block of the pair, value index in the block), act_pair's order.
+inline void position_of(int P, int * h, int * v) {
+    *h = (P / 16) % 2;
+    *v = P % 16 + (P >= 32 ? 16 : 0);
+}
+
+// 16 rows × one pair of blocks, from the GGUF layout (rows w_row bytes apart) into the packed unit.
+template <ggml_type T>
+void pack_unit(const uint8_t * w, size_t w_row, int64_t p, uint8_t * out) {
+    uint8_t * values = out;
+    auto * scales = reinterpret_cast<uint16_t *>(out + amx_values_bytes<T>);
+    for (int r = 0; r < k_amx_rows; ++r) {
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t * block = w + r * w_row + (2 * p + h) * block_bytes<T>;
+            std::memcpy(&scales[16 * h + r], block, 2);
+            if constexpr (T == GGML_TYPE_Q4_1) std::memcpy(&scales[32 + 16 * h + r], block + 2, 2);
+            if constexpr (T == GGML_TYPE_Q8_0) {
+                for (int P = 0; P < 64; ++P) {
+                    int ph = 0, v = 0;
+                    position_of(P, &ph, &v);
+                    if (ph == h) values[(P / 4) * 64 + 4 * r + P % 4] = block[values_at<T> + v];
+                }
+            } else {
+                for (int c = 0; c < 4; ++c) std::memcpy(values + (4 * h + c) * 64 + 4 * r, block + values_at<T> + 4 * c, 4);
+            }
+        }
+    }
+}
+
+// A pair of 16 rows ready for the tile unit: the B tile (q8_0: the packed bytes themselves) and the
+// rows' block scales (q4_1: and mins) as f32.
+struct amx_pair {
+    alignas(64) uint8_t b[16][64];
+    const uint8_t * tile = nullptr;
+    float d[2][16];
+    float m[2][16];
+};
+
+DM_AMX void store_f16x16_as_f32(const uint8_t * f16, float * out) {
+    _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(f16))));
+}
+
+template <ggml_type T>
+DM_AMX void unpack_unit(const uint8_t * unit, amx_pair & out) {
+    const auto * scales = unit + amx_values_bytes<T>;
+    for (int h = 0; h < 2; ++h) {
+        store_f16x16_as_f32(scales + 32 * h, out.d[h]);
+        if constexpr (T == GGML_TYPE_Q4_1) {
+            store_f16x16_as_f32(scales + 64 + 32 * h, out.m[h]);
+        }
+    }
+    if constexpr (T == GGML_TYPE_Q8_0) {
+        out.tile = unit;
+    } else {
+        const __m512i nibble = _mm512_set1_epi8(0x0F);
+        for (int piece = 0; piece < 8; ++piece) {
+            const __m512i v = _mm512_loadu_si512(unit + 64 * piece);
+            _mm512_store_si512(out.b[piece], _mm512_and_si512(v, nibble));
+            _mm512_store_si512(out.b[8 + piece], _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+        }
+        out.tile = &out.b[0][0];
+    }
+}
+
+// The A tile of one pair for nc columns: row 2c block 2p of column c, row 2c + 1 block 2p + 1.
+DM_AMX void columns_pair_amx(const uint8_t * xq, size_t x_col, int64_t p, int nc, uint8_t (*a)[64]) {
+    for (int c = 0; c < nc; ++c) {
+        const act_pair & x = pairs_of(xq + c * x_col)[p];
+        _mm512_storeu_si512(a[2 * c], _mm512_maskz_loadu_epi8(0x0000FFFF0000FFFFull, x.q));
+        _mm512_storeu_si512(a[2 * c + 1], _mm512_maskz_loadu_epi8(0xFFFF0000FFFF0000ull, x.q));
+    }
+}
+
+// Tiles 0-1: C (2 nc rows of 16 int32), 2-3: A (2 nc rows of 64 bytes), 4-5: B (16 rows of 64
+// bytes); two of each so that one pair's product runs while the other's sums are scaled.
+struct alignas(64) amx_config {
+    uint8_t  palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t  rows[16] = {};
+};
+
+thread_local int amx_configured_cols = 0;   // this thread's tile shapes (0: none, as after release)
+
+DM_AMX void configure_amx(int nc) {
+    if (amx_configured_cols == nc) return;
+    amx_config cfg;
+    for (int t = 0; t < 6; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = static_cast<uint8_t>(t < 4 ? 2 * nc : 16);
+    }
+    _tile_loadconfig(&cfg);
+    amx_configured_cols = nc;
+}
+
+// Frees the thread's tile state (the kernel then need not save it on context switches).
+DM_AMX void release_amx() {
+    _tile_release();
+    amx_configured_cols = 0;
+}
+
+// acc[c] (lanes: the 16 weight rows) += the pair's sums for column c, sums [2 nc][16] int32 as C holds them.
+template <ggml_type T>
+DM_AMX inline void scale_pair_amx(const int32_t (*sums)[16], const amx_pair & wp, const uint8_t * xq, size_t x_col,
+                                  int64_t p, int nc, __m512 * acc) {
+    for (int c = 0; c < nc; ++c) {
+        const act_pair & x = pairs_of(xq + c * x_col)[p];
+        for (int h = 0; h < 2; ++h) {   // block 2p + h: act_pair's lane 4h
+            __m512i s = _mm512_load_si512(sums[2 * c + h]);
+            if constexpr (T == GGML_TYPE_Q4_0) s = _mm512_add_epi32(s, _mm512_set1_epi32(x.off[4 * h]));
+            const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(wp.d[h]), _mm512_set1_ps(x.d[4 * h]));
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[c]);
+            if constexpr (T == GGML_TYPE_Q4_1) acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(wp.m[h]), _mm512_set1_ps(x.s[4 * h]), acc[c]);
+        }
+    }
+}
+
+// The product of one pair: tile c = tile ta · tile tb (q4 weights unsigned, q8_0 signed), after
+// loading them. The tile numbers must be literals (GCC writes them into the instruction's text).
+#define DM_AMX_PRODUCT(T, c, ta, tb, a, b)                                                              \
+    do {                                                                                                \
+        _tile_loadd(ta, (a), 64);                                                                       \
+        _tile_loadd(tb, (b), 64);                                                                       \
+        _tile_zero(c);                                                                                  \
+        if constexpr ((T) == GGML_TYPE_Q8_0) _tile_dpbssd(c, ta, tb);                                   \
+        else _tile_dpbsud(c, ta, tb);                                                                   \
+    } while (0)
+
+// y for 16 weight rows × nc columns over all pairs (wp: the rows' pairs, a: the columns' A tiles).
+// Two pairs a step in tiles 0 and 1; a step's sums are stored at its end and scaled in the next step,
+// after its products are issued, so that neither the tile unit nor the vector loads wait on the other.
+template <ggml_type T>
+DM_AMX void tile_amx(const amx_pair * wp, const uint8_t (*a)[16][64], const uint8_t * xq, size_t x_col, int64_t pairs,
+                     int nc, float * y, int64_t y_stride) {
+    configure_amx(nc);
+    __m512 acc[k_amx_cols];
+    for (int c = 0; c < k_amx_cols; ++c) acc[c] = _mm512_setzero_ps();
+    alignas(64) int32_t sums[2][2][16][16];   // [step parity][pair of the step][C row][weight row]
+    for (int64_t p = 0; p < pairs + 2; p += 2) {
+        const int now = static_cast<int>(p / 2 % 2);
+        if (p < pairs) DM_AMX_PRODUCT(T, 0, 2, 4, a[p], wp[p].tile);
+        if (p + 1 < pairs) DM_AMX_PRODUCT(T, 1, 3, 5, a[p + 1], wp[p + 1].tile);
+        for (int64_t q = p - 2; q < p && q < pairs; ++q) {   // the previous step's pairs
+            if (q >= 0) scale_pair_amx<T>(sums[1 - now][q % 2], wp[q], xq, x_col, q, nc, acc);
+        }
+        if (p < pairs) _tile_stored(0, sums[now][0], 64);
+        if (p + 1 < pairs) _tile_stored(1, sums[now][1], 64);
+    }
+    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(y + c * y_stride, acc[c]);
+}
+#undef DM_AMX_PRODUCT
+
+// Rows [first, last) (whole groups of 16) × n columns of packed weights: columns in blocks of 64
+// (their A tiles made once), then the rows 16 at a time (their pairs unpacked once for the block),
+// then the columns 8 at a time.
+template <ggml_type T>
+void rows_amx(const uint8_t * w, int64_t k, int64_t first, int64_t last, const uint8_t * xq, int64_t n, float * y,
+              int64_t y_stride) {
+    constexpr int64_t col_block = 64;
+    const int64_t pairs = n_pairs(k);
+    const size_t x_col = dm_qact_bytes(k);
+    thread_local std::vector<amx_pair> wp;
+    thread_local std::vector<uint8_t> a_bytes;
+    wp.resize(static_cast<size_t>(pairs));
+    for (int64_t c0 = 0; c0 < n; c0 += col_block) {
+        const int64_t c1 = std::min(n, c0 + col_block);
+        const int64_t col_tiles = (c1 - c0 + k_amx_cols - 1) / k_amx_cols;
+        a_bytes.resize(static_cast<size_t>(col_tiles * pairs) * 16 * 64 + 64);
+        auto * a = reinterpret_cast<uint8_t (*)[16][64]>((reinterpret_cast<uintptr_t>(a_bytes.data()) + 63) & ~uintptr_t{63});
+        for (int64_t t = 0; t < col_tiles; ++t) {
+            const int nc = static_cast<int>(std::min<int64_t>(k_amx_cols, c1 - c0 - t * k_amx_cols));
+            for (int64_t p = 0; p < pairs; ++p) columns_pair_amx(xq + (c0 + t * k_amx_cols) * x_col, x_col, p, nc, a[t * pairs + p]);
+        }
+        for (int64_t r = first; r < last; r += k_amx_rows) {
+            const uint8_t * group = w + r / k_amx_rows * pairs * static_cast<int64_t>(amx_unit_bytes<T>);
+            for (int64_t p = 0; p < pairs; ++p) unpack_unit<T>(group + p * amx_unit_bytes<T>, wp[static_cast<size_t>(p)]);
+            for (int64_t t = 0; t < col_tiles; ++t) {
+                const int64_t c = c0 + t * k_amx_cols;
+                const int nc = static_cast<int>(std::min<int64_t>(k_amx_cols, c1 - c));
+                tile_amx<T>(wp.data(), a + t * pairs, xq + c * x_col, x_col, pairs, nc, y + c * y_stride + r, y_stride);
+            }
+        }
+    }
+    release_amx();
+}
+
 // ---- tiling ----------------------------------------------------------------------------------------
 
 using tile_fn = void (*)(const uint8_t *, size_t, int64_t, const uint8_t *, size_t, float *, int64_t);
@@ -321,12 +562,22 @@ void rows_of(const uint8_t * w, size_t w_row, int64_t k, int64_t first, int64_t 
 }
 
 template <ggml_type T>
-void rows_for(const uint8_t * w, size_t w_row, int64_t k, int64_t first, int64_t last, const uint8_t * xq, int64_t n,
-              float * y, int64_t y_stride) {
-    if (kernel_isa() == isa::avx512) {
+void rows_for(const uint8_t * w, size_t w_row, bool packed, int64_t k, int64_t first, int64_t last, const uint8_t * xq,
+              int64_t n, float * y, int64_t y_stride) {
+    if (packed) {
+        rows_amx<T>(w, k, first, last, xq, n, y, y_stride);
+    } else if (kernel_isa() != isa::avx2) {   // AVX-512 VNNI (also where AMX takes the packed weights)
         rows_of<T, true>(w, w_row, k, first, last, xq, n, y, y_stride);
     } else {
         rows_of<T, false>(w, w_row, k, first, last, xq, n, y, y_stride);
+    }
+}
+
+template <ggml_type T>
+void pack_rows(const uint8_t * w, int64_t k, int64_t rows, uint8_t * out) {
+    const size_t w_row = static_cast<size_t>(n_blocks(k)) * block_bytes<T>;
+    for (int64_t r = 0; r < rows; r += k_amx_rows) {
+        for (int64_t p = 0; p < n_pairs(k); ++p, out += amx_unit_bytes<T>) pack_unit<T>(w + r * w_row, w_row, p, out);
     }
 }
 #endif
@@ -335,6 +586,7 @@ void rows_for(const uint8_t * w, size_t w_row, int64_t k, int64_t first, int64_t
 
 const char * dm_qmatmul_kernel() {
     switch (kernel_isa()) {
+        case isa::amx: return "amx-int8";
         case isa::avx512: return "avx512-vnni";
         case isa::avx2: return "avx2";
         case isa::none: break;
@@ -354,6 +606,38 @@ bool dm_qmatmul_serves(const ggml_tensor * w, const ggml_tensor * x) {
            x->ne[3] == 1 && w->ne[2] == 1 && w->ne[3] == 1;
 }
 
+bool dm_qmatmul_packs(ggml_type type, int64_t k, int64_t rows) {
+    return kernel_isa() == isa::amx && dm_qmatmul_takes_type(type) && k % (2 * k_block) == 0 && rows % 16 == 0;
+}
+
+void dm_qmatmul_pack(const void * w, ggml_type type, int64_t k, int64_t rows, void * out) {
+#ifdef DM_QMATMUL_X86
+    const auto * from = static_cast<const uint8_t *>(w);
+    auto * to = static_cast<uint8_t *>(out);
+    switch (type) {
+        case GGML_TYPE_Q4_0: pack_rows<GGML_TYPE_Q4_0>(from, k, rows, to); break;
+        case GGML_TYPE_Q4_1: pack_rows<GGML_TYPE_Q4_1>(from, k, rows, to); break;
+        case GGML_TYPE_Q8_0: pack_rows<GGML_TYPE_Q8_0>(from, k, rows, to); break;
+        default: break;
+    }
+#else
+    (void) w, (void) type, (void) k, (void) rows, (void) out;
+#endif
+}
+
+namespace {
+// What a packed weight's `extra` points at (ggml reads `extra` only in its own extra buffer types).
+const char k_packed_tag = 0;
+} // namespace
+
+void dm_qmatmul_mark_packed(ggml_tensor * w) {
+    w->extra = const_cast<char *>(&k_packed_tag);
+}
+
+bool dm_qmatmul_is_packed(const ggml_tensor * w) {
+    return w->extra == &k_packed_tag;
+}
+
 size_t dm_qact_bytes(int64_t k) {
     return static_cast<size_t>(n_pairs(k)) * sizeof(act_pair);
 }
@@ -369,20 +653,20 @@ void dm_qact_quantize(const float * x, size_t x_col_bytes, int64_t k, int64_t n,
 #endif
 }
 
-void dm_qmatmul_rows(const void * w, size_t w_row_bytes, ggml_type type, int64_t k, int64_t first, int64_t last,
-                     const void * xq, int64_t n, float * y, int64_t y_stride) {
+void dm_qmatmul_rows(const void * w, size_t w_row_bytes, ggml_type type, bool packed, int64_t k, int64_t first,
+                     int64_t last, const void * xq, int64_t n, float * y, int64_t y_stride) {
 #ifdef DM_QMATMUL_X86
     const auto * wb = static_cast<const uint8_t *>(w);
     const auto * xb = static_cast<const uint8_t *>(xq);
     switch (type) {
-        case GGML_TYPE_Q4_0: rows_for<GGML_TYPE_Q4_0>(wb, w_row_bytes, k, first, last, xb, n, y, y_stride); break;
-        case GGML_TYPE_Q4_1: rows_for<GGML_TYPE_Q4_1>(wb, w_row_bytes, k, first, last, xb, n, y, y_stride); break;
-        case GGML_TYPE_Q8_0: rows_for<GGML_TYPE_Q8_0>(wb, w_row_bytes, k, first, last, xb, n, y, y_stride); break;
+        case GGML_TYPE_Q4_0: rows_for<GGML_TYPE_Q4_0>(wb, w_row_bytes, packed, k, first, last, xb, n, y, y_stride); break;
+        case GGML_TYPE_Q4_1: rows_for<GGML_TYPE_Q4_1>(wb, w_row_bytes, packed, k, first, last, xb, n, y, y_stride); break;
+        case GGML_TYPE_Q8_0: rows_for<GGML_TYPE_Q8_0>(wb, w_row_bytes, packed, k, first, last, xb, n, y, y_stride); break;
         default: break;
     }
 #else
-    (void) w, (void) w_row_bytes, (void) type, (void) k, (void) first, (void) last, (void) xq, (void) n, (void) y,
-        (void) y_stride;
+    (void) w, (void) w_row_bytes, (void) type, (void) packed, (void) k, (void) first, (void) last, (void) xq, (void) n,
+        (void) y, (void) y_stride;
 #endif
 }
 
@@ -403,10 +687,11 @@ void dm_qmatmul_op_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/)
         dm_qact_quantize(static_cast<const float *>(x->data), x->nb[1], x->ne[0], x->ne[1], own.data());
         xq = own.data();
     }
-    // Rows in shares of whole 4-row tiles (a row's sum is the same in any tile: shares only balance the work).
-    const int64_t tiles = (w->ne[1] + 3) / 4;
-    const int64_t first = std::min(w->ne[1], tiles * ith / nth * 4);
-    const int64_t last = std::min(w->ne[1], tiles * (ith + 1) / nth * 4);
-    dm_qmatmul_rows(w->data, w->nb[1], w->type, w->ne[0], first, last, xq, x->ne[1], static_cast<float *>(dst->data),
-                    dst->nb[1] / static_cast<int64_t>(sizeof(float)));
+    // Rows in shares of whole 16-row groups (the packed layout's; a row's sum is the same in any tile:
+    // shares only balance the work).
+    const int64_t groups = (w->ne[1] + 15) / 16;
+    const int64_t first = std::min(w->ne[1], groups * ith / nth * 16);
+    const int64_t last = std::min(w->ne[1], groups * (ith + 1) / nth * 16);
+    dm_qmatmul_rows(w->data, w->nb[1], w->type, dm_qmatmul_is_packed(w), w->ne[0], first, last, xq, x->ne[1],
+                    static_cast<float *>(dst->data), dst->nb[1] / static_cast<int64_t>(sizeof(float)));
 }

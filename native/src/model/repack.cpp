@@ -59,39 +59,62 @@ std::vector<ggml_tensor **> mul_mat_weights(dm_model & model) {
 
 } // namespace
 
-dm_repacked_weights::~dm_repacked_weights() {
+dm_weight_copies::~dm_weight_copies() {
     if (buf) ggml_backend_buffer_free(buf);
     if (ctx) ggml_free(ctx);
 }
 
-void dm_repack_weights(dm_model & model) {
-    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    ggml_backend_buffer_type_t buft = dev ? cpu_repack_buffer_type(dev) : nullptr;
-    if (!buft) return;
+namespace {
 
-    std::vector<std::pair<ggml_tensor **, ggml_tensor *>> moves;   // (model's pointer, mapped original)
-    for (ggml_tensor ** w : mul_mat_weights(model)) {
-        // The engine's own kernel takes its types whatever the pass size (ggml's repacked q4_0 is slower for few tokens).
-        if (!dm_qmatmul_takes_type((*w)->type) && mul_mat_supported(dev, buft, *w)) moves.emplace_back(w, *w);
-    }
+using weight_move = std::pair<ggml_tensor **, ggml_tensor *>;   // (model's pointer, mapped original)
+
+// Copies the moved weights into a new buffer of buft, each written by write(copy, original), and
+// points the model at the copies.
+template <typename Write>
+void copy_weights(const std::vector<weight_move> & moves, ggml_backend_buffer_type_t buft, dm_weight_copies & out,
+                  Write write) {
     if (moves.empty()) return;
-
-    dm_repacked_weights & r = model.repacked;
     ggml_init_params params = {ggml_tensor_overhead() * (moves.size() + 1), nullptr, /*no_alloc =*/ true};
-    r.ctx = ggml_init(params);
-    if (!r.ctx) dm::fail("cannot create the repacked weight context");
+    out.ctx = ggml_init(params);
+    if (!out.ctx) dm::fail("cannot create the repacked weight context");
     std::vector<ggml_tensor *> copies;
-    for (auto & m : moves) {
-        ggml_tensor * copy = ggml_dup_tensor(r.ctx, m.second);
+    for (const auto & m : moves) {
+        ggml_tensor * copy = ggml_dup_tensor(out.ctx, m.second);
         ggml_set_name(copy, ggml_get_name(m.second));
         copies.push_back(copy);
     }
-    r.buf = ggml_backend_alloc_ctx_tensors_from_buft(r.ctx, buft);
-    if (!r.buf) dm::fail("cannot allocate the repacked weights");
-    ggml_backend_buffer_set_usage(r.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    out.buf = ggml_backend_alloc_ctx_tensors_from_buft(out.ctx, buft);
+    if (!out.buf) dm::fail("cannot allocate the repacked weights");
+    ggml_backend_buffer_set_usage(out.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     for (size_t i = 0; i < moves.size(); ++i) {
-        ggml_backend_tensor_set(copies[i], moves[i].second->data, 0, ggml_nbytes(moves[i].second));   // repacks
+        write(copies[i], moves[i].second);
         *moves[i].first = copies[i];
     }
-    r.n_tensors = static_cast<int>(moves.size());
+}
+
+} // namespace
+
+void dm_repack_weights(dm_model & model) {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_buffer_type_t repack_buft = dev ? cpu_repack_buffer_type(dev) : nullptr;
+
+    std::vector<weight_move> to_ggml, to_amx;
+    for (ggml_tensor ** w : mul_mat_weights(model)) {
+        const ggml_tensor * t = *w;
+        if (dm_qmatmul_takes_type(t->type)) {
+            // The engine's own kernel takes its types whatever the pass size (ggml's repacked q4_0 is slower for few tokens).
+            if (dm_qmatmul_packs(t->type, t->ne[0], t->ne[1]) && ggml_is_contiguous(t)) to_amx.emplace_back(w, *w);
+        } else if (repack_buft && mul_mat_supported(dev, repack_buft, t)) {
+            to_ggml.emplace_back(w, *w);
+        }
+    }
+    dm_repacked_weights & r = model.repacked;
+    copy_weights(to_ggml, repack_buft, r.ggml_repack, [](ggml_tensor * copy, const ggml_tensor * from) {
+        ggml_backend_tensor_set(copy, from->data, 0, ggml_nbytes(from));   // the buffer repacks
+    });
+    copy_weights(to_amx, ggml_backend_cpu_buffer_type(), r.amx, [](ggml_tensor * copy, const ggml_tensor * from) {
+        dm_qmatmul_pack(from->data, from->type, from->ne[0], from->ne[1], copy->data);
+        dm_qmatmul_mark_packed(copy);
+    });
+    r.n_tensors = static_cast<int>(to_ggml.size() + to_amx.size());
 }
