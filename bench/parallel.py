@@ -2,7 +2,7 @@
 its own context (prompt `--pp` tokens, then `--tg` tokens generated one step at a time, all N in
 one batched decode), with and without a δ-mem adapter, against llama.cpp's own multi-sequence
 decoding (llama_batch with N seq_ids, llamacpp_parallel_worker.py) on the same GGUF. Every run is a
-fresh process; contenders take turns; medians over runs.
+fresh process; the N values and contenders take turns within each run; medians over runs.
 """
 from __future__ import annotations
 
@@ -61,23 +61,26 @@ def run_parallel(models: list[str], ns: list[int], threads: int, runs: int, pp: 
                 contenders.append({"name": f"{lbl}+dmem", "kind": "ours", "python": py, "spec": {"adapter": adapter}})
         for lbl, py in llamacpp:
             contenders.append({"name": lbl, "kind": "llamacpp", "python": py, "worker": LLAMACPP_PARALLEL_WORKER})
-        for n in ns:
-            spec = {"model": path, "threads": threads, "n_seqs": n,
-                    "prompts": [bench_tokens(n_vocab, pp, seed + 2 * s) for s in range(n)],
-                    "tg_tokens": [bench_tokens(n_vocab, tg, seed + 2 * s + 1) for s in range(n)]}
-            tps: dict[str, list[float]] = {c["name"]: [] for c in contenders}
-            for i in range(runs):
+        specs = {n: {"model": path, "threads": threads, "n_seqs": n,
+                     "prompts": [bench_tokens(n_vocab, pp, seed + 2 * s) for s in range(n)],
+                     "tg_tokens": [bench_tokens(n_vocab, tg, seed + 2 * s + 1) for s in range(n)]} for n in ns}
+        tps = {n: {c["name"]: [] for c in contenders} for n in ns}
+        # Every run times every N and contender, in turns that rotate from run to run, so that the
+        # ratios (N=8 against N=1 too) are measured side by side on a noisy machine.
+        for i in range(runs):
+            for n in ns[i % len(ns):] + ns[:i % len(ns)]:
                 k = i % len(contenders)
                 for c in contenders[k:] + contenders[:k]:
-                    res = spawn(c, spec, timeout)
+                    res = spawn(c, specs[n], timeout)
                     if "error" in res:
                         log(f"[bench] {label} N={n} {c['name']}: ERROR {res['error']}")
                         continue
-                    tps[c["name"]].append(res["tg_tps"])
+                    tps[n][c["name"]].append(res["tg_tps"])
                     log(f"[bench] {label} N={n} run {i + 1}/{runs} {c['name']:>12}: tg{tg} x{n} {res['tg_tps']:8.1f} t/s")
+        for n in ns:
             report["results"].append({"model": label, "n": n, "adapter": adapter,
-                                      "tg_tps_median": {k: statistics.median(v) if v else None for k, v in tps.items()},
-                                      "tg_tps_runs": {k: [round(x, 2) for x in v] for k, v in tps.items()}})
+                                      "tg_tps_median": {k: statistics.median(v) if v else None for k, v in tps[n].items()},
+                                      "tg_tps_runs": {k: [round(x, 2) for x in v] for k, v in tps[n].items()}})
     return report
 
 

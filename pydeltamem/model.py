@@ -229,8 +229,8 @@ class Model:
         dmem_fused=False runs the δ-mem of CPU layers as the device formulation (ggml_gated_delta_net,
         what offloaded layers run) instead of the fused CPU kernels.
         poll (0..100, as llama.cpp's --poll) is how long the idle worker threads poll for the next
-        pass before they sleep: 0 when several contexts take turns in one process (each pool's
-        spinning threads would slow the others) or when idle cores matter more than wake-up latency.
+        pass before they sleep: 0 when idle cores matter more than wake-up latency. (Contexts taking
+        turns in one process do not compete: a pass pauses the idle pool of the context before it.)
         """
         return Context(self, n_ctx=n_ctx or self.n_ctx, n_batch=n_batch or self.n_batch,
                        n_threads=n_threads if n_threads is not None else self.n_threads,

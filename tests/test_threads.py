@@ -207,6 +207,39 @@ def test_two_threads_completing_on_one_model_get_single_thread_results():
     assert outcomes_of(out) == {"ok": 6}
 
 
+def test_contexts_with_polling_pools_decode_in_turn_and_at_once():
+    """Each context's pool of 2 polling workers is paused when another context's pass starts
+    (context/thread_pool.h). Passes in turn and from several threads at once (where a pause at the
+    wrong moment would strand a graph: the timeout) all give the lone decode's logits."""
+    out = run_script("""
+        with pydeltamem.Model(MODEL, n_ctx=128, n_threads=2, poll=50) as m:
+            prompts = [m.tokenize(p, add_special=True) for p in ("The capital of France is", "Water boils at", "Once upon")]
+            expected = []
+            for p in prompts:
+                with m.context() as c:
+                    expected.append(np.array(c.decode(p)))
+            ctxs = [m.context() for _ in prompts]
+            def decode_all(ctx, p, rounds):
+                for _ in range(rounds):
+                    ctx.reset()
+                    got = np.array(ctx.decode(p))
+                    assert np.array_equal(got, expected[prompts.index(p)])
+                    outcomes["ok"] += 1
+            for _ in range(4):   # in turn, one thread
+                for ctx, p in zip(ctxs, prompts):
+                    decode_all(ctx, p, 1)
+            threads = [in_thread(lambda ctx=ctx, p=p: decode_all(ctx, p, 20)) for ctx, p in zip(ctxs, prompts)]
+            for t, errors in threads:
+                t.join()
+                if errors:
+                    raise errors[0]
+            for ctx in ctxs:
+                ctx.close()
+        print("outcomes", dict(outcomes))
+    """, timeout=120)
+    assert outcomes_of(out) == {"ok": 4 * 3 + 20 * 3}
+
+
 def test_calls_from_a_generation_callback_into_its_own_objects_raise():
     """A callback that decodes into, samples with or closes the context or sampler its generation
     holds would wait for itself: it gets a ValueError instead, which the generation re-raises."""

@@ -110,8 +110,9 @@ struct dm_context_params {
     bool            dmem_fused;  // δ-mem of CPU layers as fused CPU ops (true), or as the device ops
                                  // (ggml_gated_delta_net) that offloaded layers always use
     int32_t         poll;        // 0..100: how long idle worker threads poll for the next pass before they
-                                 // sleep (ggml's threadpool poll; 50 default, 0 sleeps at once: several
-                                 // contexts taking turns in one process, or a host that wants idle cores)
+                                 // sleep (ggml's threadpool poll; 50 default, 0 sleeps at once: a host that
+                                 // wants idle cores). A pass pauses the idle pool of the context that ran
+                                 // the one before it, so contexts taking turns do not compete.
 };
 struct dm_context_params dm_context_default_params(void);
 

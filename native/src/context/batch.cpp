@@ -177,7 +177,7 @@ void run_pass(dm_context & leader, const std::vector<chunk> & chunks, size_t n_v
     dm_batch_runner & r = *leader.batch;
     if (!(r.ctx && r.key == want)) r.build(leader, std::move(want));
     set_inputs(r, chunks, plans);
-    const ggml_status status = ggml_backend_sched_graph_compute(r.sched.get(), r.graph.gf);
+    const ggml_status status = leader.compute(r.sched.get(), r.graph.gf);
     if (status == GGML_STATUS_ABORTED) fail("decode_batch: aborted");
     if (status != GGML_STATUS_SUCCESS) fail("batched graph computation failed");
     size_t row = 0;

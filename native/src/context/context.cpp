@@ -106,6 +106,11 @@ dm_sched_ptr dm_context::new_scheduler(size_t graph_size) const {
 
 dm_context::~dm_context() { drop_cached_graph(); }
 
+ggml_status dm_context::compute(ggml_backend_sched_t s, ggml_cgraph * gf) const {
+    dm_pool_turn turn(threadpool.get());
+    return ggml_backend_sched_graph_compute(s, gf);
+}
+
 void dm_context::set_abort_callback(dm_abort_callback callback, void * data) {
     abort_callback = callback;
     abort_data = data;
@@ -204,7 +209,7 @@ void dm_context::run_pass(const dm_token * toks, const int32_t * seg_ids, int32_
     const dm_graph & g = c.graph;
     set_inputs(g, toks, shape);
     if (c.dmem) c.dmem->set_inputs(plan);
-    const ggml_status status = ggml_backend_sched_graph_compute(sched.get(), g.gf);
+    const ggml_status status = compute(sched.get(), g.gf);
     if (status == GGML_STATUS_ABORTED) fail("decode: aborted");
     if (status != GGML_STATUS_SUCCESS) fail("graph computation failed");
     if (g.logits && logits_out) ggml_backend_tensor_get(g.logits, logits_out, 0, ggml_nbytes(g.logits));

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "context/kv_cache.h"
+#include "context/thread_pool.h"
 #include "dmem/dmem_graph.h"
 #include "dmem/memory.h"
 #include "graph/graph.h"
@@ -18,11 +19,6 @@
 #include <memory>
 #include <optional>
 #include <vector>
-
-struct dm_threadpool_deleter {
-    void operator()(ggml_threadpool_t pool) const { ggml_threadpool_free(pool); }
-};
-using dm_threadpool_ptr = std::unique_ptr<ggml_threadpool, dm_threadpool_deleter>;
 
 // Frees the scheduler's compute buffers even when a remote device no longer answers.
 struct dm_sched_deleter {
@@ -97,6 +93,8 @@ struct dm_context {
     // A scheduler over this context's backends (devices first, the CPU last) for graphs of up to
     // graph_size nodes and leaves.
     dm_sched_ptr new_scheduler(size_t graph_size) const;
+    // Computes gf on a scheduler of this context's backends, its thread pool taking its turn.
+    ggml_status compute(ggml_backend_sched_t s, ggml_cgraph * gf) const;
 
 private:
     // One forward pass over a chunk of at most n_batch tokens.
