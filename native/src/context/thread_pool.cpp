@@ -13,8 +13,10 @@ struct pool_turns {
 };
 
 pool_turns & turns() {
-    static pool_turns t;   // never destroyed before the contexts: function-local static
-    return t;
+    // Never destroyed: a context freed (or a pass run by a thread still going) during the process's
+    // exit, after static destructors, still finds it.
+    static pool_turns * const t = new pool_turns;
+    return *t;
 }
 
 bool is_busy(const pool_turns & t, ggml_threadpool_t pool) {
