@@ -30,13 +30,10 @@ int32_t dm_quant_matmul(int32_t type, const void * w, size_t w_size, int64_t row
         if (!w || !x || !y) dm::fail("null array");
         std::vector<char> xq(dm_qact_bytes(n_per_row) * static_cast<size_t>(n));
         dm_qact_quantize(x, static_cast<size_t>(n_per_row) * sizeof(float), n_per_row, n, xq.data());
-        if (dm_qmatmul_packs(t, n_per_row, rows)) {   // as a model's weights are stored for the AMX kernel
-            std::vector<char> packed(row_bytes * static_cast<size_t>(rows));
-            dm_qmatmul_pack(w, t, n_per_row, rows, packed.data());
-            dm_qmatmul_rows(packed.data(), row_bytes, t, true, n_per_row, 0, rows, xq.data(), n, y, rows);
-        } else {
-            dm_qmatmul_rows(w, row_bytes, t, false, n_per_row, 0, rows, xq.data(), n, y, rows);
-        }
+        const bool packs = dm_qmatmul_packs(t, n_per_row, rows);   // as a model's weights are stored for the AMX kernel
+        std::vector<char> packed(packs ? row_bytes * static_cast<size_t>(rows) : 0);
+        if (packs) dm_qmatmul_pack(w, t, n_per_row, rows, packed.data());
+        dm_qmatmul_rows(packs ? packed.data() : w, row_bytes, t, packs, n_per_row, 0, rows, xq.data(), n, y, rows);
         return 0;
     });
 }

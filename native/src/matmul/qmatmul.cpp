@@ -30,6 +30,7 @@
 namespace {
 
 constexpr int64_t k_block = 32;   // values per block, of the weights and of the quantised activations
+constexpr int64_t k_amx_rows = 16;   // weight rows an AMX B tile holds (the lanes of an accumulator)
 
 // One quantised column: an act_pair for each pair of blocks (2p, 2p + 1; a zero second block when
 // the count is odd).
@@ -324,19 +325,17 @@ DM_AVX2 void tile256(const uint8_t * w, size_t w_row, int64_t k, const uint8_t *
 //   q8_0:        the B tile itself, 16 × 64 bytes
 // then the 2 × 16 block scales d (f16; q4_1: then the 2 × 16 mins m).
 
-constexpr int64_t k_amx_rows = 16;   // weight rows a B tile holds (the lanes of an accumulator)
 constexpr int k_amx_cols = 8;        // columns an A tile holds (two of its 16 rows each)
 
 template <ggml_type T> constexpr size_t amx_values_bytes = T == GGML_TYPE_Q8_0 ? 1024 : 512;
 template <ggml_type T> constexpr size_t amx_unit_bytes = k_amx_rows * 2 * block_bytes<T>;   // 16 rows × 2 blocks
 
-// K position P (0-63) of a pair: (block of the pair, value index in the block), act_pair's order.
-inline void position_of(int P, int * h, int * v) {
-    *h = (P / 16) % 2;
-    *v = P % 16 + (P >= 32 ? 16 : 0);
-}
+// The K position (0-63) of value v of block 2p + h of a pair, in act_pair's order.
+constexpr int position_in_pair(int h, int v) { return 16 * h + (v < 16 ? v : 16 + v); }
 
 // 16 rows × one pair of blocks, from the GGUF layout (rows w_row bytes apart) into the packed unit.
+// B row kk holds K positions 4kk .. 4kk + 3 of each weight row, and 4 consecutive values of a block
+// stay consecutive positions, so values move 4 bytes at a time.
 template <ggml_type T>
 void pack_unit(const uint8_t * w, size_t w_row, int64_t p, uint8_t * out) {
     uint8_t * values = out;
@@ -347,10 +346,8 @@ void pack_unit(const uint8_t * w, size_t w_row, int64_t p, uint8_t * out) {
             std::memcpy(&scales[16 * h + r], block, 2);
             if constexpr (T == GGML_TYPE_Q4_1) std::memcpy(&scales[32 + 16 * h + r], block + 2, 2);
             if constexpr (T == GGML_TYPE_Q8_0) {
-                for (int P = 0; P < 64; ++P) {
-                    int ph = 0, v = 0;
-                    position_of(P, &ph, &v);
-                    if (ph == h) values[(P / 4) * 64 + 4 * r + P % 4] = block[values_at<T> + v];
+                for (int v = 0; v < 32; v += 4) {
+                    std::memcpy(values + position_in_pair(h, v) / 4 * 64 + 4 * r, block + values_at<T> + v, 4);
                 }
             } else {
                 for (int c = 0; c < 4; ++c) std::memcpy(values + (4 * h + c) * 64 + 4 * r, block + values_at<T> + 4 * c, 4);
@@ -607,7 +604,7 @@ bool dm_qmatmul_serves(const ggml_tensor * w, const ggml_tensor * x) {
 }
 
 bool dm_qmatmul_packs(ggml_type type, int64_t k, int64_t rows) {
-    return kernel_isa() == isa::amx && dm_qmatmul_takes_type(type) && k % (2 * k_block) == 0 && rows % 16 == 0;
+    return kernel_isa() == isa::amx && dm_qmatmul_takes_type(type) && k % (2 * k_block) == 0 && rows % k_amx_rows == 0;
 }
 
 void dm_qmatmul_pack(const void * w, ggml_type type, int64_t k, int64_t rows, void * out) {
@@ -689,9 +686,9 @@ void dm_qmatmul_op_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/)
     }
     // Rows in shares of whole 16-row groups (the packed layout's; a row's sum is the same in any tile:
     // shares only balance the work).
-    const int64_t groups = (w->ne[1] + 15) / 16;
-    const int64_t first = std::min(w->ne[1], groups * ith / nth * 16);
-    const int64_t last = std::min(w->ne[1], groups * (ith + 1) / nth * 16);
+    const int64_t groups = (w->ne[1] + k_amx_rows - 1) / k_amx_rows;
+    const int64_t first = std::min(w->ne[1], groups * ith / nth * k_amx_rows);
+    const int64_t last = std::min(w->ne[1], groups * (ith + 1) / nth * k_amx_rows);
     dm_qmatmul_rows(w->data, w->nb[1], w->type, dm_qmatmul_is_packed(w), w->ne[0], first, last, xq, x->ne[1],
                     static_cast<float *>(dst->data), dst->nb[1] / static_cast<int64_t>(sizeof(float)));
 }
